@@ -1,0 +1,44 @@
+"""moelens: record, store, analyse and steer the routing of Mixture-of-Experts language models.
+
+Importing ``moelens`` is cheap and never imports torch: the store, the analyses and the app work on a
+machine without a model. ``load``, ``record`` and ``steer`` import torch/transformers on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from moelens.store import TraceStore  # noqa: E402  (no torch on this path)
+
+__all__ = ["TraceStore", "__version__", "analysis", "load", "record", "steer"]
+
+
+def load(name_or_path: str, **kwargs: Any):
+    """Load a transformers MoE model and its tokenizer (``trust_remote_code`` stays off unless asked)."""
+    from moelens.recording.loading import load_model
+
+    return load_model(name_or_path, **kwargs)
+
+
+def record(model: Any, tokenizer: Any, inputs: Any, **kwargs: Any):
+    """Record the routing of ``model`` over ``inputs`` into a trace store; returns the run id."""
+    from moelens.recording.record import record as _record
+
+    return _record(model, tokenizer, inputs, **kwargs)
+
+
+def steer(model: Any, spec: Any = None, **kwargs: Any):
+    """Context manager that disables/forces/boosts/scales experts while it is active."""
+    from moelens.steering import steer as _steer
+
+    return _steer(model, spec, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "analysis":
+        import importlib
+
+        return importlib.import_module("moelens.analysis")
+    raise AttributeError(name)
