@@ -31,6 +31,9 @@ from moelens.store.schema import ARROW_SCHEMAS, DDL, RUN_FIELDS, RUN_TABLES, SCH
 
 DEFAULT_DB = Path("traces") / "moelens.duckdb"
 
+#: DuckDB's row-group size; appends are cut into Arrow batches of this many rows.
+ROW_GROUP = 122_880
+
 #: How long to keep retrying when another process holds the file lock.
 LOCK_TIMEOUT_S = 30.0
 
@@ -326,4 +329,6 @@ def _to_arrow(name: str, run_id: int, data: pa.Table | pa.RecordBatch | Mapping[
                 arrays.append(pa.array(value, type=field.type))
         else:
             arrays.append(pa.nulls(n, field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    # Chunks of one DuckDB row group let the insert scan them in parallel.
+    return pa.Table.from_batches(table.to_batches(max_chunksize=ROW_GROUP), schema=schema) if n > ROW_GROUP else table

@@ -1,0 +1,143 @@
+"""Recording overhead and store write throughput.
+
+(1) recorded / plain forward time on a 4-layer, 16-expert, top-2 model (OLMoE architecture, hidden 128,
+    the demo model's shape) at batch 8 x 256 tokens, CPU, 1 thread. Plain and recorded forwards alternate
+    so drift hits both; the median of each is compared. "recorded" = forward with the capture hooks plus
+    turning the calls into store columns (everything but the DuckDB write, measured in (2)).
+(2) routing rows/s appended to a DuckDB trace store for 1M tokens x 16 layers x top-2 (32M rows), in the
+    recorder's flush chunks.
+
+Writes benchmarks/results/record_overhead.md. Run: python benchmarks/record_overhead.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelens.adapters import RoutingCapture, find_routers
+from moelens.recording.batch import RowMap, routing_columns
+from moelens.recording.writer import RunWriter
+from moelens.store import TraceStore
+from moelens.tiny import tiny_model
+
+RESULTS = Path(__file__).parent / "results" / "record_overhead.md"
+
+
+def forward_overhead(device: str, reps: int, batch: int = 8, seq: int = 256) -> dict[str, float]:
+    model, _ = tiny_model("olmoe", num_hidden_layers=4, num_experts=16, num_experts_per_tok=2, hidden_size=128,
+                          intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=4096)
+    model = model.to(device)
+    info = find_routers(model)
+    ids = torch.randint(2, 4096, (batch, seq), device=device)
+    rows = RowMap(seq_id=np.repeat(np.arange(batch, dtype=np.int32), seq), pos=np.tile(np.arange(seq, dtype=np.int32), batch),
+                  keep=np.ones(batch * seq, dtype=bool))
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def plain() -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(ids, use_cache=False)
+        sync()
+        return time.perf_counter() - t
+
+    def recorded(capture: RoutingCapture) -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(ids, use_cache=False)
+        rows.offsets.clear()
+        routing_columns(capture.pop(), rows)
+        sync()
+        return time.perf_counter() - t
+
+    for _ in range(3):  # warm-up
+        plain()
+        with RoutingCapture(model, info) as capture:
+            recorded(capture)
+    plain_t, rec_t = [], []
+    for _ in range(reps):
+        plain_t.append(plain())
+        with RoutingCapture(model, info) as capture:
+            rec_t.append(recorded(capture))
+    return {"plain_ms": statistics.median(plain_t) * 1e3, "recorded_ms": statistics.median(rec_t) * 1e3,
+            "ratio": statistics.median(rec_t) / statistics.median(plain_t)}
+
+
+def write_throughput(n_tokens: int = 1_000_000, n_layers: int = 16, k: int = 2, n_experts: int = 16,
+                     flush_tokens: int = 65_536) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    seq_len = 512
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TraceStore(Path(tmp) / "bench.duckdb")
+        run = store.create_run("synthetic")
+        writer = RunWriter(store, run, flush_tokens=flush_tokens)
+        chunk = flush_tokens
+        started = time.perf_counter()
+        for start in range(0, n_tokens, chunk):
+            n = min(chunk, n_tokens - start)
+            tok = np.arange(start, start + n)
+            seq = (tok // seq_len).astype(np.int32)
+            pos = (tok % seq_len).astype(np.int32)
+            rows = n * n_layers * k
+            routing = {
+                "seq_id": np.repeat(np.tile(seq, n_layers), k),
+                "pos": np.repeat(np.tile(pos, n_layers), k),
+                "layer": np.repeat(np.arange(n_layers, dtype=np.int16), n * k),
+                "rank": np.tile(np.arange(k, dtype=np.uint8), n * n_layers),
+                "expert": rng.integers(0, n_experts, rows, dtype=np.int16),
+                "weight": rng.random(rows, dtype=np.float32),
+            }
+            writer.add({"routing": routing}, n_tokens=n, n_sequences=0)
+        writer.flush()
+        elapsed = time.perf_counter() - started
+        stored = store.query("SELECT count(*) AS n FROM routing")["n"][0]
+        size_mb = store.path.stat().st_size / 2**20
+    return {"rows": int(stored), "seconds": elapsed, "rows_per_s": stored / elapsed, "file_mb": size_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fwd = forward_overhead(args.device, args.reps)
+    lines = [
+        "# Recording overhead", "",
+        f"device {args.device}, torch threads {args.threads}, torch {torch.__version__}, {args.reps} alternating reps (median)", "",
+        "| measure | value | goal |", "|---|---|---|",
+        f"| plain forward, 4 layers x 16 experts top-2, batch 8 x 256 | {fwd['plain_ms']:.2f} ms | |",
+        f"| recorded forward (hooks + store columns) | {fwd['recorded_ms']:.2f} ms | |",
+        f"| **ratio recorded / plain** | **{fwd['ratio']:.3f}** | <= 1.05 |",
+    ]
+    if not args.skip_write:
+        wr = write_throughput()
+        lines += [
+            f"| routing rows written to DuckDB (1M tokens x 16 layers x top-2) | {wr['rows']:,} rows in {wr['seconds']:.2f} s | |",
+            f"| **rows/s** | **{wr['rows_per_s'] / 1e6:.2f} M** | >= 5 M |",
+            f"| store file size | {wr['file_mb']:.0f} MB ({wr['file_mb'] * 2**20 / wr['rows']:.2f} bytes/row) | |",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out = RESULTS if args.device == "cpu" else RESULTS.with_name(f"record_overhead_{args.device.replace(':', '')}.md")
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

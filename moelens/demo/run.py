@@ -1,0 +1,85 @@
+"""`moelens demo`: record the bundled model over its held-out corpus and open the workbench.
+
+Three runs land in the store, each named so a second `moelens demo` reuses them instead of recording again:
+the trained model over the held-out corpus (labelled by domain), a few greedy generations from one prompt
+per domain, and the early checkpoint over the same tokens (a real pair for run-vs-run agreement and router
+saturation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from moelens.store import TraceStore
+
+RUN_HELDOUT = "demo: held-out corpus"
+RUN_GENERATIONS = "demo: generations"
+RUN_EARLY = "demo: early checkpoint, held-out corpus"
+
+#: One prompt per domain for the generation run.
+PROMPTS = {
+    "python": "def fibonacci(n):\n    ",
+    "c": "static int\nlist_append(PyListObject *self, PyObject *v)\n{\n    ",
+    "english": "The Python Software Foundation is",
+    "math": "12 + 35 = 47\n81 - 19 = ",
+    "multilingual": "Veuillez saisir un nom d'utilisateur",
+}
+
+console = Console()
+
+
+def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = None, again: bool = False,
+             seq_len: int = 256, progress: bool = True) -> dict[str, int]:
+    """Record the demo runs (unless present) and open the app or print a summary; returns {run name: id}."""
+    import torch
+
+    from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
+    from moelens.recording.loading import load_model
+    from moelens.recording.record import record
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    store = TraceStore(db)
+    existing = store.runs(status="complete")
+    have = dict(zip(existing["name"], existing["run_id"])) if not again else {}
+    docs = [{"text": d["text"], "label": d["domain"], "id": d["id"]} for d in load_corpus("heldout")]
+    runs: dict[str, int] = {}
+    model, tok = load_model(DEMO_MODEL_DIR, dtype="float32")
+    common = dict(store=store, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=progress)
+    if RUN_HELDOUT in have:
+        runs[RUN_HELDOUT] = int(have[RUN_HELDOUT])
+    else:
+        console.print(f"recording the demo model over {len(docs)} held-out documents ...")
+        runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+    if RUN_GENERATIONS in have:
+        runs[RUN_GENERATIONS] = int(have[RUN_GENERATIONS])
+    else:
+        console.print("recording greedy generations ...")
+        runs[RUN_GENERATIONS] = record(model, tok, list(PROMPTS.values()), labels=list(PROMPTS), generate=32,
+                                       name=RUN_GENERATIONS, model_name="moelens-demo", store=store, progress=progress)
+    if RUN_EARLY in have:
+        runs[RUN_EARLY] = int(have[RUN_EARLY])
+    else:
+        console.print("recording the early checkpoint over the same tokens ...")
+        early, early_tok = load_model(DEMO_EARLY_DIR, dtype="float32")
+        runs[RUN_EARLY] = record(early, early_tok, docs, name=RUN_EARLY, model_name="moelens-demo (early checkpoint)",
+                                 **common)
+    if open_app:
+        from moelens.app_launcher import launch
+
+        launch(Path(db))
+    else:
+        _summary(store, runs)
+    return runs
+
+
+def _summary(store: TraceStore, runs: dict[str, int]) -> None:
+    from moelens.analysis import domain_summary, run_agreement
+    from moelens.cli import emit
+
+    emit(store.runs()[["run_id", "name", "status", "n_sequences", "n_tokens", "labels"]], "table", title=str(store.path))
+    emit(domain_summary(store, runs[RUN_HELDOUT]), "table", title="routing structure per layer (held-out corpus)")
+    emit(run_agreement(store, runs[RUN_EARLY], runs[RUN_HELDOUT]), "table",
+         title="early checkpoint vs final: router saturation")
+    console.print(f"Open the workbench with: moelens app --db {store.path}")
