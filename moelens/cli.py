@@ -31,12 +31,12 @@ DbOption = typer.Option(DEFAULT_DB, "--db", help="Trace store (DuckDB file).")
 FormatOption = typer.Option("table", "--format", "-f", help="table | csv | json")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning moelens errors into a message and exit code 1."""
     try:
-        app()
+        app(args=argv)
     except MoelensError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]; any run being recorded was marked failed")
@@ -106,17 +106,21 @@ def record(
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
 ) -> None:
     """Record the routing of MODEL over DATA into the trace store."""
+    import itertools
+
     from moelens.recording import read_paths
-    from moelens.recording.inputs import documents
+    from moelens.recording.inputs import check_paths, documents
     from moelens.recording.record import record as record_run
     from moelens.store import TraceStore
 
     if not data and not text:
         raise MoelensError("nothing to record: pass data files/folders or --text 'some text'")
-    docs = list(documents(text, label)) if text else []
+    if data:
+        check_paths(data)
     store = TraceStore(db)
     lm, tokenizer, model_name = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    inputs = [*docs, *read_paths(data, text_field=text_field, label_field=label_field, label=label)] if data else docs
+    inputs = itertools.chain(documents(text, label) if text else [],
+                             read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                         max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name)
     info = store.runs().set_index("run_id").loc[run_id]

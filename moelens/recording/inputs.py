@@ -97,21 +97,28 @@ def read_paths(paths: Iterable[str | Path], *, text_field: str = "text", label_f
     * a folder: every readable file below it, labelled by its first sub-folder's name (``data/code/a.py`` → ``code``).
     * ``hf:NAME[:SPLIT]``: a Hugging Face dataset (needs the ``datasets`` package and its cache or the hub).
     """
-    paths = list(paths)
-    if not paths:
-        raise InputError("no input given: pass files, folders, --text strings or hf:DATASET")
+    paths = check_paths(paths)
     for raw in paths:
         spec = str(raw)
         if spec.startswith("hf:"):
             yield from _hf_dataset(spec[3:], text_field=text_field, label_field=label_field, label=label)
             continue
         path = Path(spec)
-        if not path.exists():
-            raise InputError(f"input {path} does not exist (check the path; hub datasets are written hf:NAME)")
         if path.is_dir():
             yield from _folder(path, text_field=text_field, label_field=label_field, label=label)
         else:
             yield from _file(path, text_field=text_field, label_field=label_field, label=label)
+
+
+def check_paths(paths: Iterable[str | Path]) -> list[str | Path]:
+    """Fail before any model is loaded if an input path is missing."""
+    paths = list(paths)
+    if not paths:
+        raise InputError("no input given: pass files, folders, --text strings or hf:DATASET")
+    for raw in paths:
+        if not str(raw).startswith("hf:") and not Path(raw).exists():
+            raise InputError(f"input {raw} does not exist (check the path; hub datasets are written hf:NAME)")
+    return paths
 
 
 def _folder(root: Path, *, text_field: str, label_field: str | None, label: str | None) -> Iterator[Document]:
