@@ -1,0 +1,12 @@
+"""Adapters: where each MoE architecture's routers live and how to read the routing it actually used.
+
+Knows torch and transformers only (never the store, analysis or app). ``find_routers`` discovers the routers
+generically from transformers' own declarations; ``RoutingCapture`` records decoded router calls with
+read-only hooks.
+"""
+
+from moelens.adapters.capture import RouterCall, RoutingCapture
+from moelens.adapters.discovery import MoEInfo, RouterSite, find_routers
+from moelens.adapters.families import SUPPORTED_MODEL_TYPES
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "MoEInfo", "RouterCall", "RouterSite", "RoutingCapture", "find_routers"]

@@ -1,0 +1,216 @@
+"""Capture the routing each router actually used, with read-only forward hooks.
+
+The hooks decode the router's own output (``transformers-moe.md`` §4) with a few tensor ops and keep detached
+copies; they never recompute top-k from logits (DeepSeek-V3 biases, Switch capacity drops and ties make that
+wrong) and never change a tensor the model uses, so outputs are bitwise identical with and without capture.
+Copies stay on the model's device until ``pop`` so that a GPU forward is not synchronised once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moelens.adapters.discovery import MoEInfo, RouterSite, find_routers
+from moelens.adapters.families import DBRX, JETMOE, LLAMA4, STANDARD, SWITCH
+
+Decoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (experts [T, k], weights [T, k], logits [T, E])
+
+
+@dataclass
+class RouterCall:
+    """One router call, decoded. Rows are the call's tokens in row-major order (row = b * S + s)."""
+
+    layer: int
+    experts: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
+
+
+def _calls_to_cpu(calls: list[RouterCall]) -> None:
+    """Move every tensor to the CPU with one transfer per field, not one blocking copy per tensor and call."""
+    for name in ("experts", "weights", "logits", "shared_gate"):
+        owners = [call for call in calls if getattr(call, name) is not None and getattr(call, name).device.type != "cpu"]
+        if not owners:
+            continue
+        tensors = [getattr(call, name) for call in owners]
+        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+        for call, tensor, piece in zip(owners, tensors, flat.split([t.numel() for t in tensors])):
+            setattr(call, name, piece.view(tensor.shape))
+
+
+def _standard(out: tuple[torch.Tensor, ...], site: RouterSite) -> Decoded:
+    """``(logits, weights, index)``; Inkling/Zaya append extra outputs. Flattened in case a router keeps [B, S]."""
+    logits, weights, experts = out[:3]
+    k = experts.shape[-1]
+    return experts.reshape(-1, k), weights.reshape(-1, k), logits.reshape(-1, logits.shape[-1])
+
+
+def _llama4(out: tuple[torch.Tensor, torch.Tensor], site: RouterSite) -> Decoded:
+    """Dense sigmoid scores (0 where unselected): the router's own top-k on its logits picks the slots."""
+    scores, logits = out
+    experts = torch.topk(logits, site.top_k, dim=1).indices
+    return experts, scores.gather(1, experts), logits
+
+
+def _jetmoe(out: tuple[Any, ...], site: RouterSite) -> Decoded:
+    """Undo JetMoE's sort by expert: sorted entry i holds flat slot ``sorted_slots[i]`` (token = slot // k)."""
+    sorted_slots, _, gates, expert_size, logits = out
+    device = sorted_slots.device
+    sizes = torch.as_tensor(expert_size, device=device)
+    # output_size: no device sync to learn the length (it is T * k).
+    sorted_ids = torch.arange(len(expert_size), device=device).repeat_interleave(sizes, output_size=len(sorted_slots))
+    experts = torch.empty_like(sorted_slots).scatter_(0, sorted_slots, sorted_ids)
+    weights = torch.empty_like(gates).scatter_(0, sorted_slots, gates)
+    n_tokens = logits.shape[0]
+    return experts.view(n_tokens, -1), weights.view(n_tokens, -1), logits
+
+
+def _switch(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], site: RouterSite) -> Decoded:
+    """One-hot dispatch [B, S, E] after capacity: its argmax, and -1 where the row is empty (dropped token)."""
+    dispatch, max_prob, logits = out
+    n_experts = dispatch.shape[-1]
+    dispatch = dispatch.reshape(-1, n_experts)
+    experts = dispatch.argmax(dim=-1, keepdim=True).masked_fill_(dispatch.sum(dim=-1, keepdim=True) == 0, -1)
+    return experts, max_prob.reshape(-1, 1), logits.reshape(-1, n_experts)
+
+
+_DECODERS: dict[str, Callable[[Any, RouterSite], Decoded]] = {
+    STANDARD: _standard,
+    LLAMA4: _llama4,
+    JETMOE: _jetmoe,
+    SWITCH: _switch,
+}
+
+
+def _keep(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A detached copy (never a view: the model may later write into its own tensor in place)."""
+    return t.detach().to(dtype=dtype, copy=True)
+
+
+class _Pairing:
+    """Joins a router call with a value produced by another module of the same block, in either order.
+
+    Used for Qwen2-MoE's ``shared_expert_gate`` (runs after the router) and DBRX's logits (the router runs before
+    the experts pre-hook that carries the decision).
+    """
+
+    def __init__(self) -> None:
+        self.call: RouterCall | None = None
+        self.value: torch.Tensor | None = None
+
+    def give_call(self, call: RouterCall, attr: str) -> None:
+        if self.value is not None:
+            setattr(call, attr, self.value)
+            self.value = None
+        else:
+            self.call = call
+
+    def give_value(self, value: torch.Tensor, attr: str) -> None:
+        if self.call is not None:
+            setattr(self.call, attr, value)
+            self.call = None
+        else:
+            self.value = value
+
+
+class RoutingCapture:
+    """Context manager recording every router call of ``model`` while active; ``pop`` drains them in call order.
+
+    ``logits=True`` also keeps the [T, E] pre-softmax logits (off by default: they cost E floats per token).
+    Hooks are always removed on exit, also when the forward raised.
+    """
+
+    def __init__(self, model: nn.Module, info: MoEInfo | None = None, *, logits: bool = False) -> None:
+        self.model = model
+        self.info = info if info is not None else find_routers(model)
+        self.logits = logits
+        self._calls: list[RouterCall] = []
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> RoutingCapture:
+        try:
+            for site in self.info.sites:
+                self._hook_site(site)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def pop(self) -> list[RouterCall]:
+        """The calls recorded since the last pop, in call order, on the CPU."""
+        calls, self._calls = self._calls, []
+        _calls_to_cpu(calls)
+        return calls
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record(
+        self, site: RouterSite, experts: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor | None
+    ) -> RouterCall:
+        # Always-on shared experts get gate 1.0; a gated one (Qwen2-MoE) is filled in by its gate's hook.
+        always_on = site.has_shared_expert and site.shared_gate is None
+        shared = torch.ones(experts.shape[0], device=experts.device) if always_on else None
+        call = RouterCall(
+            layer=site.layer,
+            experts=_keep(experts, torch.int64),
+            weights=_keep(weights, torch.float32),
+            logits=_keep(logits, torch.float32) if self.logits and logits is not None else None,
+            shared_gate=shared,
+        )
+        self._calls.append(call)
+        return call
+
+    def _hook_site(self, site: RouterSite) -> None:
+        gate_pairing = _Pairing() if site.shared_gate is not None else None
+
+        def on_call(call: RouterCall) -> None:
+            if gate_pairing is not None:
+                gate_pairing.give_call(call, "shared_gate")
+
+        if site.family == DBRX:
+            self._hook_dbrx(site, on_call)
+        else:
+            decode = _DECODERS[site.family]
+
+            def router_hook(module: nn.Module, args: Any, output: Any) -> None:
+                on_call(self._record(site, *decode(output, site)))
+
+            self._handles.append(site.module.register_forward_hook(router_hook))
+
+        if gate_pairing is not None:
+
+            def gate_hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                # The block applies sigmoid(gate(h)) in the model dtype; keep that value, as float32.
+                gate_pairing.give_value(_keep(torch.sigmoid(output.detach()).reshape(-1), torch.float32), "shared_gate")
+
+            self._handles.append(site.shared_gate.register_forward_hook(gate_hook))
+
+    def _hook_dbrx(self, site: RouterSite, on_call: Callable[[RouterCall], None]) -> None:
+        """DBRX's router returns logits only; the decision is what the experts module receives."""
+        logits_pairing = _Pairing() if self.logits else None
+
+        def experts_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            call = self._record(site, args[1], args[2], None)
+            if logits_pairing is not None:
+                logits_pairing.give_call(call, "logits")
+            on_call(call)
+
+        self._handles.append(site.module.register_forward_pre_hook(experts_pre_hook))
+        if logits_pairing is not None:
+
+            def router_hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                logits_pairing.give_value(_keep(output, torch.float32), "logits")
+
+            self._handles.append(self.model.get_submodule(site.name).register_forward_hook(router_hook))
