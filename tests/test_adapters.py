@@ -74,10 +74,10 @@ def _experts_inputs(model: Any, ids: torch.Tensor) -> tuple[dict[int, tuple], di
             site.experts.register_forward_pre_hook(lambda m, args, layer=site.layer: received.setdefault(layer, args))
         )
         if site.family in ("llama4", "jetmoe"):  # the router's input is the hidden state the experts get
-            router = model.get_submodule(site.name)
-            handles.append(
-                router.register_forward_pre_hook(lambda m, args, layer=site.layer: block_inputs.setdefault(layer, args[0]))
-            )
+            def keep_input(module: Any, args: tuple, layer: int = site.layer) -> None:
+                block_inputs.setdefault(layer, args[0])
+
+            handles.append(model.get_submodule(site.name).register_forward_pre_hook(keep_input))
     try:
         with RoutingCapture(model, info, logits=True) as capture:
             forward(model, ids)

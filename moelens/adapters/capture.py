@@ -35,10 +35,10 @@ class RouterCall:
 def _calls_to_cpu(calls: list[RouterCall]) -> None:
     """Move every tensor to the CPU with one transfer per field, not one blocking copy per tensor and call."""
     for name in ("experts", "weights", "logits", "shared_gate"):
-        owners = [call for call in calls if getattr(call, name) is not None and getattr(call, name).device.type != "cpu"]
-        if not owners:
-            continue
+        owners = [call for call in calls if getattr(call, name) is not None]
         tensors = [getattr(call, name) for call in owners]
+        if not tensors or tensors[0].device.type == "cpu":  # one model, one device
+            continue
         flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
         for call, tensor, piece in zip(owners, tensors, flat.split([t.numel() for t in tensors])):
             setattr(call, name, piece.view(tensor.shape))
@@ -61,10 +61,9 @@ def _llama4(out: tuple[torch.Tensor, torch.Tensor], site: RouterSite) -> Decoded
 def _jetmoe(out: tuple[Any, ...], site: RouterSite) -> Decoded:
     """Undo JetMoE's sort by expert: sorted entry i holds flat slot ``sorted_slots[i]`` (token = slot // k)."""
     sorted_slots, _, gates, expert_size, logits = out
-    device = sorted_slots.device
-    sizes = torch.as_tensor(expert_size, device=device)
-    # output_size: no device sync to learn the length (it is T * k).
-    sorted_ids = torch.arange(len(expert_size), device=device).repeat_interleave(sizes, output_size=len(sorted_slots))
+    sizes = torch.as_tensor(expert_size, device=sorted_slots.device)
+    # Expert e repeated expert_size[e] times; output_size spares a device sync to learn the length (T * k).
+    sorted_ids = torch.repeat_interleave(sizes, output_size=len(sorted_slots))
     experts = torch.empty_like(sorted_slots).scatter_(0, sorted_slots, sorted_ids)
     weights = torch.empty_like(gates).scatter_(0, sorted_slots, gates)
     n_tokens = logits.shape[0]
@@ -100,20 +99,21 @@ class _Pairing:
     the experts pre-hook that carries the decision).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
         self.call: RouterCall | None = None
         self.value: torch.Tensor | None = None
 
-    def give_call(self, call: RouterCall, attr: str) -> None:
+    def give_call(self, call: RouterCall) -> None:
         if self.value is not None:
-            setattr(call, attr, self.value)
+            setattr(call, self.attr, self.value)
             self.value = None
         else:
             self.call = call
 
-    def give_value(self, value: torch.Tensor, attr: str) -> None:
+    def give_value(self, value: torch.Tensor) -> None:
         if self.call is not None:
-            setattr(self.call, attr, value)
+            setattr(self.call, self.attr, value)
             self.call = None
         else:
             self.value = value
@@ -173,11 +173,11 @@ class RoutingCapture:
         return call
 
     def _hook_site(self, site: RouterSite) -> None:
-        gate_pairing = _Pairing() if site.shared_gate is not None else None
+        gate_pairing = _Pairing("shared_gate") if site.shared_gate is not None else None
 
         def on_call(call: RouterCall) -> None:
             if gate_pairing is not None:
-                gate_pairing.give_call(call, "shared_gate")
+                gate_pairing.give_call(call)
 
         if site.family == DBRX:
             self._hook_dbrx(site, on_call)
@@ -193,24 +193,24 @@ class RoutingCapture:
 
             def gate_hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
                 # The block applies sigmoid(gate(h)) in the model dtype; keep that value, as float32.
-                gate_pairing.give_value(_keep(torch.sigmoid(output.detach()).reshape(-1), torch.float32), "shared_gate")
+                gate_pairing.give_value(torch.sigmoid(output.detach()).reshape(-1).float())
 
             self._handles.append(site.shared_gate.register_forward_hook(gate_hook))
 
     def _hook_dbrx(self, site: RouterSite, on_call: Callable[[RouterCall], None]) -> None:
         """DBRX's router returns logits only; the decision is what the experts module receives."""
-        logits_pairing = _Pairing() if self.logits else None
+        logits_pairing = _Pairing("logits") if self.logits else None
 
         def experts_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             call = self._record(site, args[1], args[2], None)
             if logits_pairing is not None:
-                logits_pairing.give_call(call, "logits")
+                logits_pairing.give_call(call)
             on_call(call)
 
         self._handles.append(site.module.register_forward_pre_hook(experts_pre_hook))
         if logits_pairing is not None:
 
             def router_hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-                logits_pairing.give_value(_keep(output, torch.float32), "logits")
+                logits_pairing.give_value(_keep(output, torch.float32))
 
             self._handles.append(self.model.get_submodule(site.name).register_forward_hook(router_hook))
