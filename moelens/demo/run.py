@@ -78,8 +78,11 @@ def _summary(store: TraceStore, runs: dict[str, int]) -> None:
     from moelens.analysis import domain_summary, run_agreement
     from moelens.cli import emit
 
-    emit(store.runs()[["run_id", "name", "status", "n_sequences", "n_tokens", "labels"]], "table", title=str(store.path))
-    emit(domain_summary(store, runs[RUN_HELDOUT]), "table", title="routing structure per layer (held-out corpus)")
-    emit(run_agreement(store, runs[RUN_EARLY], runs[RUN_HELDOUT]), "table",
+    emit(store.runs()[["run_id", "name", "status", "n_sequences", "n_tokens"]], "table", title=str(store.path))
+    summary = domain_summary(store, runs[RUN_HELDOUT])
+    emit(summary[["layer", "mi_ratio", "js_bits", "purity", "max_spec", "dead_experts", "same_top1", "sum_sq_top1"]],
+         "table", title="routing structure per layer (held-out corpus; MI as a share of domain entropy)")
+    agreement = run_agreement(store, runs[RUN_EARLY], runs[RUN_HELDOUT])
+    emit(agreement[["layer", "n_tokens", "top1_agreement", "topk_overlap", "baseline"]], "table",
          title="early checkpoint vs final: router saturation")
     console.print(f"Open the workbench with: moelens app --db {store.path}")
