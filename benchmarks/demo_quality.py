@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moelens.analysis import RoutingData, domain_summary
 from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, DOMAINS, load_corpus
 from moelens.demo.model import new_model
 
@@ -120,56 +121,18 @@ def heldout_loss(cap: Captured) -> dict[str, float]:
     return out
 
 
-def _js_bits(p: np.ndarray, q: np.ndarray) -> float:
-    m = (p + q) / 2
-
-    def kl(x: np.ndarray) -> float:
-        nz = x > 0
-        return float((x[nz] * np.log2(x[nz] / m[nz])).sum())
-
-    return (kl(p) + kl(q)) / 2
-
-
 def routing_scores(cap: Captured, n_experts: int) -> pd.DataFrame:
-    """Per-layer domain scores (one row per layer). Temporary: replaced by moelens.analysis.domain_summary."""
-    labels = np.asarray(cap.labels)
-    dom = np.array([DOMAINS.index(x) for x in labels])
-    n_dom = len(DOMAINS)
-    pairs_same_seq = cap.seq_id[1:] == cap.seq_id[:-1]
-    rows = []
-    for li in range(cap.experts.shape[0]):
-        ex = cap.experts[li].astype(np.int64)
-        k = ex.shape[1]
-        top1 = ex[:, 0]
-        joint = np.bincount(dom * n_experts + top1, minlength=n_dom * n_experts).reshape(n_dom, n_experts)
-        p = joint / joint.sum()
-        pd_, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-        nz = p > 0
-        mi = float((p[nz] * np.log(p[nz] / (pd_ @ pe)[nz])).sum())
-        h_dom = float(-(pd_[pd_ > 0] * np.log(pd_[pd_ > 0])).sum())
-        topk = np.zeros((n_dom, n_experts))
-        np.add.at(topk, (np.repeat(dom, k), ex.ravel()), 1)
-        n_tok = np.bincount(dom, minlength=n_dom)
-        spec = topk / n_tok[:, None]  # share of a domain's tokens with the expert in their top-k
-        load = spec / k
-        js = [_js_bits(load[a], load[b]) for a in range(n_dom) for b in range(a + 1, n_dom)]
-        col = load.sum(0)
-        purity = (load.max(0)[col > 0] / col[col > 0]).mean()
-        q = np.bincount(top1, minlength=n_experts) / len(top1)
-        same = (top1[1:] == top1[:-1])[pairs_same_seq]
-        rows.append(
-            {
-                "layer": li,
-                "mi_share": mi / h_dom,
-                "js_bits": float(np.mean(js)),
-                "purity": float(purity),
-                "max_spec": float(spec.max()),
-                "dead": int((topk.sum(0) == 0).sum()),
-                "consec_top1": float(same.mean()),
-                "sum_q2": float((q**2).sum()),
-            }
-        )
-    return pd.DataFrame(rows)
+    """Per-layer domain scores from moelens.analysis (the one place the metrics are defined)."""
+    data = RoutingData.from_arrays(
+        cap.experts,
+        cap.weights,
+        n_experts=n_experts,
+        seq_id=cap.seq_id,
+        pos=cap.pos,
+        token_id=cap.token_id,
+        labels=cap.labels,
+    )
+    return domain_summary(data)
 
 
 def load_shipped(path: Path) -> PreTrainedModel:
@@ -183,13 +146,13 @@ def fmt_range(values: list[float], digits: int = 2) -> str:
 
 
 METRICS = [
-    ("mi_share", "MI(domain; top-1 expert) / H(domain)"),
+    ("mi_ratio", "MI(domain; top-1 expert) / H(domain)"),
     ("js_bits", "mean pairwise JS divergence of domain load vectors (bits)"),
     ("purity", "mean expert purity (chance .20)"),
     ("max_spec", "max domain specialization (uniform k/E = .125)"),
-    ("dead", "dead experts (of 16)"),
-    ("consec_top1", "consecutive same top-1 (1/E = .0625)"),
-    ("sum_q2", "i.i.d. expectation sum(q^2) of top-1 shares"),
+    ("dead_experts", "dead experts (of 16)"),
+    ("same_top1", "consecutive same top-1 (1/E = .0625)"),
+    ("sum_sq_top1", "i.i.d. expectation sum(q^2) of top-1 shares"),
 ]
 
 
@@ -223,19 +186,19 @@ def report(
         "|---|---|" + "---|" * n_layers,
     ]
     for key, title in METRICS:
-        digits = 0 if key == "dead" else 2
+        digits = 0 if key == "dead_experts" else 2
         for name in ("trained", "early"):
             vals = scores[name][key].tolist()
             lines.append(f"| {title} | {name} | " + " | ".join(f"{v:.{digits}f}" for v in vals) + " |")
         per_layer = [fmt_range([scores[r][key].iloc[li] for r in rand], digits) for li in range(n_layers)]
         lines.append(f"| {title} | random ({len(seeds)} seeds, range) | " + " | ".join(per_layer) + " |")
     checks = []
-    for key in ("mi_share", "js_bits"):
+    for key in ("mi_ratio", "js_bits"):
         best_random = np.max([scores[r][key].to_numpy() for r in rand], axis=0)
         ok = bool(np.all(scores["trained"][key].to_numpy() > best_random))
         margin = ", ".join(f"{t:.2f} vs {r:.2f}" for t, r in zip(scores["trained"][key], best_random))
         checks.append((f"trained beats every random seed on {key} in every layer ({margin})", ok))
-    dead = int(scores["trained"]["dead"].sum())
+    dead = int(scores["trained"]["dead_experts"].sum())
     checks.append((f"trained model has no dead expert ({dead} dead)", dead == 0))
     lines += ["", "## Checks (issue #7)", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
