@@ -30,12 +30,24 @@ from moelens.tiny import tiny_model
 RESULTS = Path(__file__).parent / "results" / "record_overhead.md"
 
 
-def forward_overhead(device: str, reps: int, batch: int = 8, seq: int = 256) -> dict[str, float]:
-    model, _ = tiny_model("olmoe", num_hidden_layers=4, num_experts=16, num_experts_per_tok=2, hidden_size=128,
-                          intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=4096)
+#: The issue's shape (the demo model's) and a larger one for accelerators, where small models are launch-bound.
+SHAPES = {
+    "demo": dict(batch=8, seq=256, model=dict(num_hidden_layers=4, num_experts=16, num_experts_per_tok=2, hidden_size=128,
+                                               intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                                               vocab_size=4096)),
+    "large": dict(batch=8, seq=1024, model=dict(num_hidden_layers=8, num_experts=64, num_experts_per_tok=8, hidden_size=1024,
+                                                intermediate_size=512, num_attention_heads=16, num_key_value_heads=16,
+                                                vocab_size=32000)),
+}
+
+
+def forward_overhead(device: str, reps: int, shape: str = "demo", dtype: str = "float32") -> dict[str, float]:
+    spec = SHAPES[shape]
+    batch, seq = spec["batch"], spec["seq"]
+    model, _ = tiny_model("olmoe", dtype=getattr(torch, dtype), **spec["model"])
     model = model.to(device)
     info = find_routers(model)
-    ids = torch.randint(2, 4096, (batch, seq), device=device)
+    ids = torch.randint(2, model.config.vocab_size, (batch, seq), device=device)
     rows = RowMap(seq_id=np.repeat(np.arange(batch, dtype=np.int32), seq), pos=np.tile(np.arange(seq, dtype=np.int32), batch),
                   keep=np.ones(batch * seq, dtype=bool))
 
@@ -112,15 +124,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-write", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fwd = forward_overhead(args.device, args.reps)
+    fwd = forward_overhead(args.device, args.reps, args.shape, args.dtype)
+    m, b = SHAPES[args.shape]["model"], SHAPES[args.shape]
     lines = [
         "# Recording overhead", "",
-        f"device {args.device}, torch threads {args.threads}, torch {torch.__version__}, {args.reps} alternating reps (median)", "",
+        f"device {args.device}, {args.dtype}, torch threads {args.threads}, torch {torch.__version__}, "
+        f"{args.reps} alternating reps (median)", "",
         "| measure | value | goal |", "|---|---|---|",
-        f"| plain forward, 4 layers x 16 experts top-2, batch 8 x 256 | {fwd['plain_ms']:.2f} ms | |",
+        f"| plain forward, {m['num_hidden_layers']} layers x {m['num_experts']} experts top-{m['num_experts_per_tok']}, "
+        f"hidden {m['hidden_size']}, batch {b['batch']} x {b['seq']} | {fwd['plain_ms']:.2f} ms | |",
         f"| recorded forward (hooks + store columns) | {fwd['recorded_ms']:.2f} ms | |",
         f"| **ratio recorded / plain** | **{fwd['ratio']:.3f}** | <= 1.05 |",
     ]
@@ -134,7 +151,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = RESULTS if args.device == "cpu" else RESULTS.with_name(f"record_overhead_{args.device.replace(':', '')}.md")
+    suffix = "" if (args.device, args.shape) == ("cpu", "demo") else f"_{args.device.replace(':', '')}_{args.shape}_{args.dtype}"
+    out = RESULTS.with_name(f"record_overhead{suffix}.md")
     out.write_text(text)
     print(f"wrote {out}")
 

@@ -222,3 +222,21 @@ def test_input_files(tmp_path) -> None:
         list(read_paths([tmp_path / "b.jsonl"]))
     with pytest.raises(InputError, match="no input"):
         list(read_paths([]))
+
+
+def test_routing_columns_sort_unsorted_slots_and_drop_padding() -> None:
+    from moelens.adapters import RouterCall
+    from moelens.recording.batch import RowMap, routing_columns
+
+    experts = torch.tensor([[3, 1], [0, 2], [5, 4]])
+    weights = torch.tensor([[0.2, 0.7], [0.5, 0.5], [0.9, 0.1]])  # unsorted row, a tie, a sorted row
+    rows = RowMap(seq_id=np.array([0, 0, 1], np.int32), pos=np.array([0, 1, 0], np.int32), keep=np.array([True, True, False]))
+    call = RouterCall(layer=3, experts=experts, weights=weights, logits=None, shared_gate=torch.tensor([0.1, 0.2, 0.3]))
+    cols = routing_columns([call], rows)
+    r = cols["routing"]
+    assert r["expert"].tolist() == [1, 3, 0, 2] and r["rank"].tolist() == [0, 1, 0, 1]
+    assert r["weight"].tolist() == pytest.approx([0.7, 0.2, 0.5, 0.5]) and set(r["layer"]) == {3}
+    assert r["seq_id"].tolist() == [0, 0, 0, 0] and r["pos"].tolist() == [0, 0, 1, 1]
+    assert cols["shared_experts"]["gate"].tolist() == pytest.approx([0.1, 0.2])
+    with pytest.raises(RuntimeError, match="routed 6 token rows"):
+        routing_columns([call, call], rows)

@@ -51,46 +51,58 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
 
     Slots are re-ordered by descending gate weight (stable, so ties keep the model's slot order): DeepSeek
     routers return unsorted indices, and rank-sensitive metrics (first choice, SCH) need a defined order.
+    Output arrays are allocated once and filled per call: this runs after every forward, so it is kept to a
+    few vectorised passes (most routers already return sorted slots, and then no sort runs at all).
     """
-    routing: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "rank", "expert", "weight")}
-    shared: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "gate")}
-    logits: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "logits")}
+    placed = []
     for call in calls:
         sl = rows.take(call.layer, int(call.experts.shape[0]))
         keep = rows.keep[sl]
-        seq = rows.seq_id[sl][keep]
-        pos = rows.pos[sl][keep]
-        experts = call.experts.numpy()[keep]
-        weights = call.weights.numpy()[keep]
+        everything = bool(keep.all())
+        placed.append((call, sl, None if everything else keep))
+    n_rows = sum((int(c.experts.shape[0]) if keep is None else int(keep.sum())) * int(c.experts.shape[1])
+                 for c, _, keep in placed)
+    routing = {
+        "seq_id": np.empty(n_rows, np.int32), "pos": np.empty(n_rows, np.int32), "layer": np.empty(n_rows, np.int16),
+        "rank": np.empty(n_rows, np.uint8), "expert": np.empty(n_rows, np.int16), "weight": np.empty(n_rows, np.float32),
+    }
+    shared: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "gate")}
+    logits: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "logits")}
+    at = 0
+    for call, sl, keep in placed:
+        seq, pos = rows.seq_id[sl], rows.pos[sl]
+        experts, weights = call.experts.numpy(), call.weights.numpy()
+        if keep is not None:
+            seq, pos, experts, weights = seq[keep], pos[keep], experts[keep], weights[keep]
         n, k = experts.shape
-        order = np.argsort(-weights, axis=1, kind="stable")
-        experts = np.take_along_axis(experts, order, axis=1)
-        weights = np.take_along_axis(weights, order, axis=1)
-        routing["seq_id"].append(np.repeat(seq, k))
-        routing["pos"].append(np.repeat(pos, k))
-        routing["layer"].append(np.full(n * k, call.layer, dtype=np.int16))
-        routing["rank"].append(np.tile(np.arange(k, dtype=np.uint8), n))
-        routing["expert"].append(experts.reshape(-1).astype(np.int16))
-        routing["weight"].append(weights.reshape(-1).astype(np.float32))
-        if call.shared_gate is not None:
-            shared["seq_id"].append(seq)
-            shared["pos"].append(pos)
-            shared["layer"].append(np.full(n, call.layer, dtype=np.int16))
-            shared["gate"].append(call.shared_gate.numpy()[keep].astype(np.float32))
-        if call.logits is not None:
-            logits["seq_id"].append(seq)
-            logits["pos"].append(pos)
-            logits["layer"].append(np.full(n, call.layer, dtype=np.int16))
-            logits["logits"].append(call.logits.numpy()[keep].astype(np.float32))
-    out = {"routing": _concat(routing), "shared_experts": _concat(shared)}
+        if k > 1 and not (weights[:, :-1] >= weights[:, 1:]).all():
+            order = np.argsort(-weights, axis=1, kind="stable")
+            experts = np.take_along_axis(experts, order, axis=1)
+            weights = np.take_along_axis(weights, order, axis=1)
+        out = slice(at, at + n * k)
+        routing["seq_id"][out] = np.repeat(seq, k)
+        routing["pos"][out] = np.repeat(pos, k)
+        routing["layer"][out] = call.layer
+        routing["rank"][out].reshape(n, k)[:] = np.arange(k, dtype=np.uint8)
+        routing["expert"][out] = experts.reshape(-1)
+        routing["weight"][out] = weights.reshape(-1)
+        at += n * k
+        for table, values in ((shared, call.shared_gate), (logits, call.logits)):
+            if values is not None:
+                values = values.numpy() if keep is None else values.numpy()[keep]
+                table["seq_id"].append(seq)
+                table["pos"].append(pos)
+                table["layer"].append(np.full(n, call.layer, dtype=np.int16))
+                table["gate" if table is shared else "logits"].append(values.astype(np.float32, copy=False))
+    out_tables = {"routing": routing if n_rows else {}, "shared_experts": _concat(shared)}
     if logits["logits"]:
-        out["router_logits"] = {
+        out_tables["router_logits"] = {
             "seq_id": np.concatenate(logits["seq_id"]),
             "pos": np.concatenate(logits["pos"]),
             "layer": np.concatenate(logits["layer"]),
             "logits": _list_array(logits["logits"]),
         }
-    return out
+    return out_tables
 
 
 def _list_array(blocks: list[np.ndarray]) -> pa.Array:
