@@ -20,6 +20,9 @@ def register(app: typer.Typer) -> None:
     demo_app.command("train")(demo_train)
     demo_app.command("corpus")(demo_corpus)
     app.add_typer(demo_app, name="demo")
+    from moelens.steering.cli import steer
+
+    app.command("steer")(steer)
 
 
 def _parse_params(params: list[str]) -> dict:

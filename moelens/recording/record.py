@@ -57,6 +57,10 @@ def record(
     never stored. ``generate=N`` (or a dict of ``generate`` keyword arguments) records each input as a
     prompt followed by its greedy continuation: prompt tokens once, then each new token once.
     """
+    if type(model).__module__.startswith("nnsight"):  # record the torch module an nnsight wrapper runs
+        from moelens.steering.nnsight_backend import unwrap
+
+        model = unwrap(model)
     store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     info = find_routers(model)
     docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
@@ -111,7 +115,7 @@ def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture,
     """One padded forward over a batch of sequences (right padding keeps real positions unchanged)."""
     seq_start = writer.n_sequences
     width = max(len(c.ids) for c in batch)
-    ids = torch.full((len(batch), width), _pad_id(tokenizer, model), dtype=torch.long)
+    ids = torch.full((len(batch), width), pad_id(tokenizer, model), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, chunk in enumerate(batch):
         ids[i, : len(chunk.ids)] = torch.tensor(chunk.ids)
@@ -146,7 +150,7 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     device = _device(model)
     prompt = torch.tensor([chunk.ids], device=device)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), return_dict_in_generate=True,
-                         output_logits=True, pad_token_id=_pad_id(tokenizer, model), **gen_kwargs)
+                         output_logits=True, pad_token_id=pad_id(tokenizer, model), **gen_kwargs)
     sequence = out.sequences[0]
     last = model(sequence[-1:].unsqueeze(0), past_key_values=out.past_key_values, use_cache=True)
     n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])
@@ -287,7 +291,8 @@ def _incremental_texts(tokenizer: Any, ids: list[int]) -> list[str | None]:
     return texts
 
 
-def _pad_id(tokenizer: Any, model: Any) -> int:
+def pad_id(tokenizer: Any, model: Any) -> int:
+    """The id used to pad batches (never stored): the tokenizer's, else the model config's, else 0."""
     for source in (tokenizer, model.config):
         value = getattr(source, "pad_token_id", None)
         if value is not None:
