@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from moelens.store import TraceStore  # noqa: E402  (no torch on this path)
 
-__all__ = ["TraceStore", "__version__", "analysis", "load", "record", "steer"]
+__all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "record", "steer", "steering", "viz"]
 
 
 def load(name_or_path: str, **kwargs: Any):
@@ -36,9 +36,13 @@ def steer(model: Any, spec: Any = None, **kwargs: Any):
     return _steer(model, spec, **kwargs)
 
 
+#: Sub-packages loaded on first attribute access (``ml.viz``, ``ml.steering``, ...), so ``import moelens`` stays light.
+_LAZY = ("analysis", "viz", "steering", "demo", "recording", "adapters")
+
+
 def __getattr__(name: str) -> Any:
-    if name == "analysis":
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module("moelens.analysis")
-    raise AttributeError(name)
+        return importlib.import_module(f"moelens.{name}")
+    raise AttributeError(f"module 'moelens' has no attribute {name!r}")

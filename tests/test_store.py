@@ -151,3 +151,16 @@ def test_export_parquet(store: TraceStore, tmp_path) -> None:
     assert {p.name for p in paths} >= {"runs.parquet", "routing.parquet", "tokens.parquet"}
     back = pd.read_parquet(tmp_path / "out" / "routing.parquet")
     assert len(back) == 12 and set(back["run_id"]) == {run}
+
+
+def test_routing_rows_and_shared_session(store: TraceStore) -> None:
+    run = store.create_run("m")
+    store.append(run, {"routing": _routing(3)})
+    rows = store.routing(run, seq_id=0)
+    assert len(rows) == 6 and rows["pos"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert store.routing(run, seq_id=5).empty
+    with store.session() as shared:
+        with shared.connect() as a, shared.connect() as b:
+            assert a is b  # one connection for every read in the block
+        assert shared.run(run)["model"] == "m" and len(shared.routing(run)) == 6
+    assert store._session is None

@@ -58,9 +58,9 @@ def _split(ids: list[int], tokens: list[str | None], spans: list[tuple[int, int]
 def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[str | None], list[tuple[int, int]]]:
     """Token ids, exact token texts and the character span each token owns."""
     try:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)  # we chunk ourselves
     except NotImplementedError:  # slow tokenizers have no offsets
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
         tokens = _decode_each(tokenizer, ids)
         spans, cursor = [], 0
         for tok in tokens:

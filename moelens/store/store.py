@@ -8,6 +8,7 @@ share a store: each waits briefly (with retries) for the other's lock instead of
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -54,6 +55,7 @@ class TraceStore:
     def __init__(self, path: str | Path = DEFAULT_DB, *, read_only: bool = False, lock_timeout: float = LOCK_TIMEOUT_S):
         self.path = Path(path)
         self.read_only = read_only
+        self._session: duckdb.DuckDBPyConnection | None = None
         self.lock_timeout = lock_timeout
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder; give the path of a .duckdb file inside it, e.g. {self.path / 'moelens.duckdb'}")
@@ -73,8 +75,24 @@ class TraceStore:
     # -- connections ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def session(self) -> Iterator[TraceStore]:
+        """``with store.session() as s:`` — reads inside share one connection (a copy of the store holds it).
+
+        Opening a DuckDB file costs tens of milliseconds; a page of the app asks for runs, layers, sequences
+        and an analysis' arrays, so sharing one connection per bundle of reads keeps a first render fast.
+        It is closed when the block ends, so a recorder is never blocked for long.
+        """
+        shared = copy.copy(self)
+        with self.connect() as con:
+            shared._session = con
+            yield shared
+
+    @contextlib.contextmanager
     def connect(self, *, write: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the lock."""
+        if self._session is not None and not write:
+            yield self._session
+            return
         if write and self.read_only:
             raise StoreError(f"{self.path} was opened read-only; open it with read_only=False to change it")
         deadline = time.monotonic() + self.lock_timeout
@@ -265,6 +283,13 @@ class TraceStore:
         return self.query(
             "SELECT * EXCLUDE (run_id) FROM tokens WHERE run_id = ? AND seq_id = ? ORDER BY pos", [int(run_id), int(seq_id)]
         )
+
+    def routing(self, run_id: int, seq_id: int | None = None) -> pd.DataFrame:
+        """Routing rows (seq_id, pos, layer, rank, expert, weight) of a run, or of one of its sequences."""
+        where, params = ("AND seq_id = ?", [int(seq_id)]) if seq_id is not None else ("", [])
+        return self.query(
+            f"SELECT seq_id, pos, layer, rank, expert, weight FROM routing WHERE run_id = ? {where} "
+            "ORDER BY seq_id, pos, layer, rank", [int(run_id), *params])
 
     def delete_run(self, run_id: int) -> None:
         """Delete a run and all its rows in one transaction."""

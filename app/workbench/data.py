@@ -1,0 +1,311 @@
+"""Cached, read-only access to the trace store for the app.
+
+Every cached function takes ``(db, stamp, run, ...)``: ``stamp`` changes whenever the DuckDB file (or its
+WAL) changes, so a recording in another process shows up on the next rerun and nothing stale is served.
+Connections are short-lived (`TraceStore` opens one per query), so the app never blocks a recorder for long.
+
+The analyses are *called*, never re-implemented: `analysis(ctx, "expert_load", run, by_label=True)` calls
+``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from moelens.errors import MoelensError
+from moelens.store import TraceStore
+
+#: How long the app waits for a recorder's write lock before saying so (the recorder's chunks are short).
+LOCK_TIMEOUT_S = 5.0
+
+
+class AnalysisUnavailable(RuntimeError):
+    """The installed moelens has no such analysis function (yet)."""
+
+
+def stamp(db: str | Path) -> float:
+    """A value that changes whenever the store changes: newest mtime/size of the file and its WAL."""
+    p = Path(db)
+    vals = []
+    for q in (p, p.with_name(p.name + ".wal")):
+        try:
+            s = q.stat()
+            vals.append(s.st_mtime_ns / 1e9 + s.st_size * 1e-12)
+        except OSError:
+            pass
+    return max(vals) if vals else 0.0
+
+
+_checked: dict[tuple[str, float], TraceStore] = {}
+_checked_lock = threading.Lock()
+
+
+def open_store(db: str | Path) -> TraceStore:
+    """A read-only store for ``db``; the schema check runs once per file version, not on every query."""
+    key = (str(db), stamp(db))
+    with _checked_lock:
+        store = _checked.get(key)
+    if store is None:
+        store = TraceStore(db, read_only=True, lock_timeout=LOCK_TIMEOUT_S)
+        with _checked_lock:
+            _checked.clear()  # only the newest version of each file matters; keep the dict tiny
+            _checked[key] = store
+    return store
+
+
+@contextlib.contextmanager
+def batch(db: str | Path) -> Iterator[TraceStore]:
+    """``with batch(db) as store:`` — every query inside shares one read-only connection."""
+    with open_store(db).session() as store:
+        yield store
+
+
+# -- raw rows (browsing, not metrics) ------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def store_bundle(db: str, stamp: float) -> dict[str, Any]:
+    """Everything the run picker and the Runs page need about the whole store, in one connection."""
+    with batch(db) as store:
+        meta = store.query("SELECT key, value FROM meta")
+        counts = store.query(
+            "SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM tokens) AS tokens, "
+            "(SELECT count(*) FROM sequences) AS sequences"
+        ).iloc[0]
+        runs_df = store.runs()
+    size = Path(db).stat().st_size if Path(db).exists() else 0
+    return {
+        "runs_df": runs_df,
+        "meta": dict(zip(meta["key"], meta["value"])),
+        "runs": int(counts["runs"]),
+        "tokens": int(counts["tokens"]),
+        "sequences": int(counts["sequences"]),
+        "size_bytes": size,
+    }
+
+
+def store_overview(db: str, stamp: float) -> dict[str, Any]:
+    return store_bundle(db, stamp)
+
+
+def runs(db: str, stamp: float) -> pd.DataFrame:
+    return store_bundle(db, stamp)["runs_df"]
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def run_bundle(db: str, stamp: float, run: int) -> dict[str, Any]:
+    """One run's row, layers, sequences and experts per layer, in one connection."""
+    with batch(db) as store:
+        info = store.run(run)
+        lay = store.layers(run)
+        if lay.empty:  # a run whose layers table was not written: the layers its routing has
+            lay = store.query("SELECT DISTINCT layer FROM routing WHERE run_id = ? ORDER BY layer", [int(run)])
+        seqs = store.sequences(run)
+        n = int(info.get("n_experts") or 0)
+        if "n_experts" in lay.columns and len(lay):
+            per = {int(r.layer): int(r.n_experts) if pd.notna(r.n_experts) else n for r in lay.itertuples()}
+        else:
+            got = store.query(
+                "SELECT layer, max(expert) + 1 AS n FROM routing WHERE run_id = ? GROUP BY layer ORDER BY layer", [int(run)]
+            )
+            per = {int(r.layer): max(n, int(r.n)) for r in got.itertuples()}
+    return {"info": info, "layers": lay, "sequences": seqs, "experts": per}
+
+
+def run_info(db: str, stamp: float, run: int) -> dict[str, Any]:
+    return run_bundle(db, stamp, run)["info"]
+
+
+def layers(db: str, stamp: float, run: int) -> pd.DataFrame:
+    return run_bundle(db, stamp, run)["layers"]
+
+
+def sequences(db: str, stamp: float, run: int) -> pd.DataFrame:
+    return run_bundle(db, stamp, run)["sequences"]
+
+
+def experts_of(db: str, stamp: float, run: int) -> dict[int, int]:
+    """Number of routed experts per layer ({layer: n_experts})."""
+    return run_bundle(db, stamp, run)["experts"]
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def sequence_tokens(db: str, stamp: float, run: int, seq_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tokens of one sequence and their stored routing rows (as recorded, every layer)."""
+    with batch(db) as store:
+        toks = store.tokens(run, seq_id)
+        routing = store.query(
+            "SELECT seq_id, pos, layer, rank, expert, weight FROM routing WHERE run_id = ? AND seq_id = ? "
+            "ORDER BY pos, layer, rank",
+            [int(run), int(seq_id)],
+        )
+    if "seq_id" not in toks.columns:
+        toks.insert(0, "seq_id", int(seq_id))
+    return toks, routing
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def token_ids_for(db: str, stamp: float, run: int, texts: tuple[str, ...]) -> pd.DataFrame:
+    """The token ids whose exact text is one of ``texts`` in this run, with how often each occurs."""
+    if not texts:
+        return pd.DataFrame(columns=["token", "token_id", "occurrences"])
+    marks = ", ".join("?" for _ in texts)
+    with batch(db) as store:
+        return store.query(
+            f"SELECT token, token_id, count(*) AS occurrences FROM tokens WHERE run_id = ? AND token IN ({marks}) "
+            "GROUP BY token, token_id ORDER BY occurrences DESC",
+            [int(run), *texts],
+        )
+
+
+# -- analyses ------------------------------------------------------------------------------------------
+
+
+def analysis_available(name: str) -> bool:
+    try:
+        mod = importlib.import_module("moelens.analysis")
+    except Exception:
+        return False
+    return callable(getattr(mod, name, None))
+
+
+def _function(name: str):
+    try:
+        mod = importlib.import_module("moelens.analysis")
+    except ImportError as exc:
+        raise AnalysisUnavailable(f"moelens.analysis could not be imported ({exc})") from exc
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise AnalysisUnavailable(f"moelens.analysis.{name} is not available in this install")
+    return fn
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _analysis(db: str, stamp: float, name: str, run: int, params: tuple) -> Any:
+    fn = _function(name)
+    with batch(db) as store:
+        return fn(store, int(run), **dict(params))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _analysis_pair(db: str, stamp: float, name: str, run_a: int, run_b: int, params: tuple) -> Any:
+    fn = _function(name)
+    with batch(db) as store:
+        return fn(store, int(run_a), int(run_b), **dict(params))
+
+
+def _freeze(params: dict[str, Any]) -> tuple:
+    out = []
+    for k, v in sorted(params.items()):
+        if isinstance(v, list):
+            v = tuple(v)
+        out.append((k, v))
+    return tuple(out)
+
+
+def analysis(db: str, name: str, run: int, **params: Any) -> Any:
+    """``moelens.analysis.<name>(store, run, **params)``, cached by (db, store stamp, run, params)."""
+    _function(name)  # raise AnalysisUnavailable before touching the cache
+    return _analysis(str(db), stamp(db), name, int(run), _freeze(params))
+
+
+def analysis_pair(db: str, name: str, run_a: int, run_b: int, **params: Any) -> Any:
+    """``moelens.analysis.<name>(store, run_a, run_b, **params)`` (e.g. ``run_agreement``), cached."""
+    _function(name)
+    return _analysis_pair(str(db), stamp(db), name, int(run_a), int(run_b), _freeze(params))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int) -> pd.DataFrame:
+    """``moelens.analysis.run_agreement`` of two runs restricted to each shared sequence in turn: one row per
+    (seq_id, layer), so the sequences whose routing changed most can be ranked. Analysis code does the scoring."""
+    import numpy as np
+
+    from moelens.analysis import RoutingData, run_agreement
+
+    with batch(db) as store:
+        a = RoutingData.from_store(store, int(run_a))
+        b = RoutingData.from_store(store, int(run_b))
+    frames = []
+    for s in np.intersect1d(np.unique(a.seq_id), np.unique(b.seq_id)):
+        part = run_agreement(a.select(a.seq_id == s), None, b.select(b.seq_id == s))
+        if len(part):
+            part.insert(0, "seq_id", int(s))
+            frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=["seq_id", "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
+    return pd.concat(frames, ignore_index=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def token_agreement_in_sequence(db: str, stamp: float, run_a: int, run_b: int, seq_id: int, max_tokens: int = 1024) -> pd.DataFrame:
+    """Per (pos, layer) of one shared sequence: ``run_agreement`` of the two runs restricted to that single
+    token (``topk_overlap`` < 1 = its expert set changed). Used to outline changed tokens in the Compare view."""
+    import numpy as np
+
+    from moelens.analysis import RoutingData, run_agreement
+
+    with batch(db) as store:
+        a = RoutingData.from_store(store, int(run_a))
+        b = RoutingData.from_store(store, int(run_b))
+    sa, sb = a.select(a.seq_id == seq_id), b.select(b.seq_id == seq_id)
+    frames = []
+    for p in np.intersect1d(sa.pos, sb.pos)[:max_tokens]:
+        part = run_agreement(sa.select(sa.pos == p), None, sb.select(sb.pos == p))
+        if len(part):
+            part.insert(0, "pos", int(p))
+            frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=["pos", "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
+    return pd.concat(frames, ignore_index=True)
+
+
+#: (kind, db, stamp, run, params) of slow results computed in this process (e.g. UMAP maps), so pages can
+#: show them at once on later visits instead of asking for a click.
+_COMPUTED: set[tuple] = set()
+
+
+def mark_computed(key: tuple) -> None:
+    _COMPUTED.add(key)
+
+
+def was_computed(key: tuple) -> bool:
+    return key in _COMPUTED
+
+
+class Timer:
+    """Small helper for the timing caption: ``with Timer() as t: ...; t.ms``."""
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ms = (time.perf_counter() - self.t0) * 1000
+
+
+__all__ = [
+    "AnalysisUnavailable",
+    "MoelensError",
+    "analysis",
+    "analysis_available",
+    "analysis_pair",
+    "experts_of",
+    "layers",
+    "open_store",
+    "run_info",
+    "runs",
+    "sequence_tokens",
+    "sequences",
+    "stamp",
+    "store_overview",
+]

@@ -1,0 +1,153 @@
+"""The Steer page's model side: load a model once per process, read its MoE layout, and run a steering
+experiment (baseline vs steered, optional random controls) that records both generations as runs.
+
+torch is imported only inside `load` / `run_pair` (when a model is loaded); `moelens.steering`'s spec
+classes are plain data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from moelens.store import TraceStore
+
+
+def available() -> bool:
+    """True when ``moelens.steering`` is a real package (has an ``__init__.py``); never imports it."""
+    try:
+        spec = importlib.util.find_spec("moelens.steering")
+    except (ImportError, ValueError):
+        return False
+    return bool(spec is not None and spec.origin and Path(spec.origin).name == "__init__.py")
+
+
+def demo_model_dir() -> Path | None:
+    """The bundled demo model's folder if it is installed (it needs a config file to be loadable)."""
+    try:
+        from moelens.demo import DEMO_MODEL_DIR
+    except Exception:  # noqa: BLE001
+        return None
+    p = Path(DEMO_MODEL_DIR)
+    return p if (p / "config.json").exists() else None
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load(ref: str) -> tuple[Any, Any]:
+    """``moelens.load(ref)`` once per process, in eval mode (routers may add jitter in training mode)."""
+    import moelens
+
+    model, tok = moelens.load(ref)
+    model.eval()
+    return model, tok
+
+
+def layout_of(model: Any) -> dict[str, Any]:
+    from moelens.adapters import find_routers
+
+    info = find_routers(model)
+    return {"layers": list(info.layers), "n_experts": int(info.n_experts), "top_k": int(info.top_k)}
+
+
+def layout(ref: str) -> dict[str, Any]:
+    model, _ = load(ref)
+    return layout_of(model)
+
+
+def layout_from_store(db: str | Path) -> dict[str, Any]:
+    """Layers/experts of the store's newest run (a stand-in for choosing experts before a model is loaded)."""
+    try:
+        store = TraceStore(db, read_only=True, lock_timeout=2)
+        runs = store.runs()
+        if len(runs):
+            run = int(runs["run_id"].iloc[-1])
+            lay = store.layers(run)
+            n = int(runs["n_experts"].iloc[-1]) if pd.notna(runs["n_experts"].iloc[-1]) else 8
+            k = int(runs["top_k"].iloc[-1]) if pd.notna(runs["top_k"].iloc[-1]) else 2
+            if len(lay):
+                return {"layers": [int(v) for v in lay["layer"]], "n_experts": n, "top_k": k}
+    except Exception:  # noqa: BLE001 - a missing/empty store: fall through to the placeholder
+        pass
+    return {"layers": [0, 1, 2, 3], "n_experts": 16, "top_k": 2}
+
+
+def make_spec(
+    *,
+    disable=(),
+    force=(),
+    boost=(),
+    boost_value: float = 2.0,
+    boost_unit: str = "logit",
+    gate_scale=(),
+    beta: float = 4.0,
+    mode: str = "reroute",
+):
+    """A `moelens.steering.SteeringSpec` from the page's choices (pairs are ``(layer, expert)``)."""
+    from moelens.steering import SteeringSpec
+
+    return SteeringSpec(
+        disable=tuple(disable),
+        force=tuple(force),
+        boost={tuple(p): float(boost_value) for p in boost},
+        boost_unit=boost_unit,
+        gate_scale={tuple(p): float(beta) for p in gate_scale},
+        mode=mode,
+    )
+
+
+def _sequence(store: TraceStore, run: int, seq_id: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    toks = store.tokens(run, seq_id)
+    if "seq_id" not in toks.columns:
+        toks.insert(0, "seq_id", seq_id)
+    routing = store.query(
+        "SELECT seq_id, pos, layer, rank, expert, weight FROM routing WHERE run_id = ? AND seq_id = ? ORDER BY pos, layer, rank",
+        [int(run), int(seq_id)],
+    )
+    return toks, routing
+
+
+def run_pair(
+    model: Any,
+    tok: Any,
+    db: str | Path,
+    prompt: str,
+    spec: Any,
+    *,
+    max_new_tokens: int = 32,
+    label: str | None = None,
+    n_random: int = 0,
+    save: bool = True,
+) -> dict[str, Any]:
+    """`moelens.steering.run_experiment` on one prompt: greedy continuation without and with ``spec`` (and
+    ``n_random`` random controls of the same shape), recorded as runs — into ``db`` with ``save``, else into a
+    temporary store. Returns the two runs' tokens and routing, their ids and the experiment's tables."""
+    from moelens.steering import run_experiment
+
+    store = TraceStore(db) if save else TraceStore(Path(tempfile.mkdtemp(prefix="moelens-steer-")) / "steer.duckdb")
+    res = run_experiment(
+        model, tok, spec, [prompt], store=store, labels=[label], n_random=int(n_random), generate=int(max_new_tokens),
+        name=spec.describe(),
+    )  # fmt: skip
+    return {
+        "baseline": _sequence(store, res.baseline_run),
+        "steered": _sequence(store, res.steered_run),
+        "runs": (res.baseline_run, res.steered_run) if save else None,
+        "db": str(store.path),
+        "spec": spec.to_dict(),
+        "describe": spec.describe(),
+        "loss": res.loss,
+        "routing": res.routing,
+        "control": res.control if n_random else None,
+    }
+
+
+def changed_positions(a: pd.DataFrame, b: pd.DataFrame) -> set[int]:
+    """Positions where the two token tables hold different text (or only one has a token)."""
+    merged = a[["pos", "token"]].merge(b[["pos", "token"]], on="pos", how="outer", suffixes=("_a", "_b"))
+    differs = merged["token_a"].fillna("\0") != merged["token_b"].fillna("\0")
+    return {int(p) for p in merged.loc[differs, "pos"]}

@@ -1,0 +1,89 @@
+"""Shared plumbing of the scores: resolving a source to `RoutingData`, tagging results with their
+parameters, and the one counting kernel (bincount over ``group × expert`` keys) most scores reduce to."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis.data import PHASES, RoutingData
+from moelens.errors import InputError
+from moelens.store import TraceStore
+
+#: What every score may be given: a trace store plus a run id, or routing already in memory.
+Source = Union[TraceStore, RoutingData]
+
+#: Stated in every result: how slots without an expert are treated (metrics.md §0).
+NOT_ROUTED = "capacity-dropped (-1) and weight-0 slots select nothing; their tokens still count in token totals"
+
+
+def resolve(source: Source, run: int | None = None, *, phase: str | None = None) -> RoutingData:
+    """The `RoutingData` a score works on: a store's run (cached load) or the data itself, optionally
+    restricted to one phase ('prompt' or 'generated'; None pools both)."""
+    if phase is not None and phase not in PHASES:
+        raise InputError(f"phase must be one of {PHASES} or None, not {phase!r}")
+    if isinstance(source, RoutingData):
+        if phase is None or source.phase_filter == phase:
+            return source
+        if source.phase_filter is not None:
+            raise InputError(f"this data holds only {source.phase_filter!r} tokens; cannot select {phase!r}")
+        return source.select(source.phase == PHASES.index(phase), phase_filter=phase)
+    if isinstance(source, TraceStore):
+        if run is None:
+            raise InputError("give the run id: score(store, run, ...)")
+        return RoutingData.from_store(source, int(run), phase=phase)
+    raise TypeError(f"source must be a TraceStore or a RoutingData, not {type(source).__name__}")
+
+
+def result(df: pd.DataFrame, data: RoutingData, score: str, **params: Any) -> pd.DataFrame:
+    """Attach the score name, run, phase and parameters to ``df.attrs['params']`` and return it."""
+    df = df.reset_index(drop=True)
+    df.attrs["params"] = {
+        "score": score,
+        "run": None if data.origin is None else data.origin.run_id,
+        "phase": data.phase_filter or "all (prompt and generated pooled)",
+        "not_routed": NOT_ROUTED,
+        **params,
+    }
+    return df
+
+
+def group_expert_counts(
+    experts: np.ndarray,
+    n_experts: int,
+    group: np.ndarray | None = None,
+    n_groups: int = 1,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """``[n_groups, E]`` number (or, with ``weights``, gate mass) of routed slots per group and expert.
+
+    ``experts`` is one layer's ``[T, K]`` slice (use ``[:, :1]`` for first choices); ``group`` gives each
+    token a group code, -1 = leave the token out.
+    """
+    routed = experts >= 0
+    if group is not None:
+        routed &= (group >= 0)[:, None]
+    g = np.zeros(len(experts), np.int64) if group is None else group.astype(np.int64)
+    keys = (g[:, None] * n_experts + experts)[routed]
+    w = None if weights is None else weights[routed].astype(np.float64)
+    counts = np.bincount(keys, weights=w, minlength=n_groups * n_experts)
+    return counts.reshape(n_groups, n_experts)
+
+
+def label_names(data: RoutingData) -> list[str]:
+    return list(data.label_names)
+
+
+def consecutive_pairs(data: RoutingData) -> np.ndarray:
+    """Indices t of the consecutive token pairs (t, t+1) inside one sequence (metrics.md §6: never across
+    sequences; with all phases pooled the prompt→generation pair is included)."""
+    return np.flatnonzero(data.next_is_consecutive)
+
+
+def entropy(p: np.ndarray, axis: int = -1, base: float = np.e) -> np.ndarray:
+    """Shannon entropy of distributions along ``axis`` with 0·log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return -terms.sum(axis=axis) / np.log(base)

@@ -1,0 +1,222 @@
+"""Compiled loops for the few steps that are sequential by nature or scatter-bound.
+
+Written as plain Python over numpy arrays and compiled with numba on first use (numba comes with
+umap-learn; importing it costs ~0.5 s, so nothing here is imported until a kernel is called). Compiled code
+is cached on disk, so later processes skip compilation. The plain functions stay importable as the
+readable definition; tests compare them with independent reference implementations through `jit`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+
+@cache
+def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled with numba (cached on disk; the GIL is released so app threads keep running)."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(fn)
+
+
+def workers() -> int:
+    """Threads for independent kernel calls (the kernels release the GIL, so threads run in parallel)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``[fn(*args) for args in calls]`` on `workers` threads, results in call order."""
+    if len(calls) <= 1 or workers() == 1:
+        return [fn(*args) for args in calls]
+    with ThreadPoolExecutor(max_workers=min(workers(), len(calls))) as pool:
+        return list(pool.map(lambda args: fn(*args), calls))
+
+
+def scatter_routing(
+    experts: np.ndarray,
+    weights: np.ndarray,
+    seq: np.ndarray,
+    pos: np.ndarray,
+    layer: np.ndarray,
+    rank: np.ndarray,
+    expert: np.ndarray,
+    weight: np.ndarray,
+    seq0: int,
+    seq_table: np.ndarray,
+    seq_start: np.ndarray,
+    seq_length: np.ndarray,
+    slot: np.ndarray,
+    layer_slot: np.ndarray,
+    n_tokens: int,
+    k: int,
+) -> int:
+    """Write routing rows into flat ``[L*T*K]`` arrays at ``(layer_slot[layer] * T + token) * K + rank``.
+
+    A row's sequence is ``seq_table[seq - seq0]`` and its token ``slot[seq_start[sequence] + pos]``
+    (-1 = not loaded: another phase, or no token row: the row is skipped). Dropped and weight-0 slots are
+    written as not routed (-1, weight 0), as `mark_not_routed` does. Returns the number of rows
+    with an unknown layer or a rank >= k (the caller treats any as a corrupt store).
+    """
+    bad = 0
+    for i in range(len(seq)):
+        rel = seq[i] - seq0
+        if rel < 0 or rel >= len(seq_table) or seq_table[rel] < 0:
+            continue
+        s = seq_table[rel]
+        p = pos[i]
+        if p < 0 or p >= seq_length[s]:
+            continue
+        t = slot[seq_start[s] + p]
+        if t < 0:
+            continue
+        lay = layer[i]
+        if lay < 0 or lay >= len(layer_slot) or layer_slot[lay] < 0 or rank[i] >= k:
+            bad += 1
+            continue
+        f = (layer_slot[lay] * n_tokens + t) * k + rank[i]
+        if expert[i] < 0 or weight[i] == 0:  # dropped or weight-0: not routed (NaN weight = unknown, routed)
+            experts[f] = -1
+            weights[f] = 0
+        else:
+            experts[f] = expert[i]
+            weights[f] = weight[i]
+    return bad
+
+
+def window_histograms(
+    experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
+) -> np.ndarray:
+    """SRP window counts (metrics.md §7.1) as a histogram ``hist[g, e, c]`` = number of stride-1 windows of
+    m tokens (inside one segment of group g) in which expert e is routed c times.
+
+    Instead of materialising every window × expert count (O(T·E)), each expert's count is tracked while the
+    window slides and credited lazily for the windows it stayed unchanged: O(T·k + segments·E).
+    ``experts`` is one layer ``[T, K]`` (-1 = not routed); segment s spans tokens ``[begin[s], end[s])`` and
+    belongs to group ``group[s]``.
+    """
+    hist = np.zeros((n_groups, n_experts, m + 1), np.int64)
+    count = np.zeros(n_experts, np.int64)
+    since = np.zeros(n_experts, np.int64)
+    K = experts.shape[1]
+    for s in range(len(begin)):
+        a = begin[s]
+        n_win = end[s] - a - m + 1
+        if n_win <= 0:
+            continue
+        g = group[s]
+        count[:] = 0
+        since[:] = 0
+        for t in range(a, a + m):
+            for r in range(K):
+                e = experts[t, r]
+                if e >= 0:
+                    count[e] += 1
+        for w in range(1, n_win):
+            for r in range(K):
+                e = experts[a + w - 1, r]  # leaves the window
+                if e >= 0:
+                    hist[g, e, count[e]] += w - since[e]
+                    since[e] = w
+                    count[e] -= 1
+            for r in range(K):
+                e = experts[a + w + m - 1, r]  # enters the window
+                if e >= 0:
+                    hist[g, e, count[e]] += w - since[e]
+                    since[e] = w
+                    count[e] += 1
+        for e in range(n_experts):
+            hist[g, e, count[e]] += n_win - since[e]
+    return hist
+
+
+def stack_hits(
+    access: np.ndarray, begin: np.ndarray, end: np.ndarray, n_experts: int, m: int, lookahead: bool
+) -> tuple[np.ndarray, int]:
+    """Hit-rate curves of an expert cache for every size C = 1..E at once (Mattson priority stack,
+    metrics.md §8.1-8.2, as the moe-lrc ``calc_fsf``/``calc_lru`` conventions).
+
+    ``access`` is ``[T, A]`` expert ids in access order (rank order; -1 skipped); segment s spans tokens
+    ``[begin[s], end[s])``. With ``lookahead`` the priority is (uses in the next m tokens, recency) — SCH;
+    without, recency only — LRU. Both are packed in one int64 key, ``uses << 32 | timestamp``, kept current
+    as either changes, so the bubble pass compares one number per item. Positions are read before a token's
+    accesses; a first-seen expert is credited at the number of distinct experts seen so far (pre-warmed
+    cache). Returns (sum over segments of each segment's curve ``cumsum(hits by position) / accesses``,
+    number of segments with at least one access).
+    """
+    E = n_experts
+    curve_sum = np.zeros(E)
+    stack = np.zeros(E, np.int64)
+    where = np.full(E, -1, np.int64)
+    future = np.zeros(E, np.int64)
+    prio = np.zeros(E, np.int64)
+    stat = np.zeros(E, np.int64)
+    A = access.shape[1]
+    used = 0
+    for s in range(len(begin)):
+        a, b = begin[s], end[s]
+        where[:] = -1
+        future[:] = 0
+        prio[:] = 0
+        stat[:] = 0
+        depth = 0
+        clock = 0
+        n_acc = 0
+        if lookahead:
+            for t in range(a, min(a + m, b)):
+                for r in range(A):
+                    if access[t, r] >= 0:
+                        future[access[t, r]] += 1
+        for t in range(a, b):
+            seen = depth
+            for r in range(A):  # credit positions as they were before this token
+                e = access[t, r]
+                if e < 0:
+                    continue
+                n_acc += 1
+                if where[e] < 0:
+                    stat[seen] += 1
+                    seen += 1
+                else:
+                    stat[where[e]] += 1
+            for r in range(A):
+                e = access[t, r]
+                if e < 0:
+                    continue
+                p = where[e]
+                if p < 0:
+                    p = depth
+                    depth += 1
+                if p > 0:  # one bubble pass over the items above p: the lower priority sinks
+                    carry = stack[0]
+                    for j in range(1, p):
+                        y = stack[j]
+                        if prio[y] < prio[carry]:
+                            stack[j] = carry
+                            where[carry] = j
+                            carry = y
+                    stack[p] = carry
+                    where[carry] = p
+                stack[0] = e
+                where[e] = 0
+                clock += 1
+                if lookahead:
+                    future[e] -= 1
+                    prio[e] = (future[e] << 32) | clock
+                else:
+                    prio[e] = clock
+            if lookahead and t + m < b:
+                for r in range(A):
+                    e = access[t + m, r]
+                    if e >= 0:
+                        future[e] += 1
+                        prio[e] = (future[e] << 32) | (prio[e] & 0xFFFFFFFF)
+        if n_acc > 0:
+            curve_sum += np.cumsum(stat) / n_acc
+            used += 1
+    return curve_sum, used

@@ -1,0 +1,75 @@
+"""Expert co-activation within a layer (metrics.md §5, toy §15.5).
+
+Why two variants: the definition counts all C(k, 2) pairs of a token's experts; OLMoE's figure code walks
+the rank-ordered list with ``pairwise`` and so counts only rank-adjacent pairs. They agree for k = 2 and
+differ (and depend on rank order) for k > 2, so the adjacent one is labelled as a figure reproduction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis.npmi import npmi_from_counts
+from moelens.errors import InputError
+
+VARIANTS = {"all": "all pairs (definition)", "adjacent": "OLMoE adjacent-pair (figure reproduction)"}
+
+
+def pair_counts(experts: np.ndarray, n_experts: int, variant: str = "all") -> np.ndarray:
+    """Symmetric ``[E, E]`` number of tokens in which i and j co-occur (``all``) or are rank-adjacent among
+    the token's routed experts (``adjacent``; not-routed slots are skipped, as the reference's lists never
+    hold them)."""
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {list(VARIANTS)}, not {variant!r}")
+    K = experts.shape[1]
+    if variant == "adjacent":
+        order = np.argsort(experts < 0, axis=1, kind="stable")  # routed slots first, rank order kept
+        experts = np.take_along_axis(experts, order, axis=1)
+        slot_pairs = [(r, r + 1) for r in range(K - 1)]
+    else:
+        slot_pairs = [(r, s) for r in range(K) for s in range(r + 1, K)]
+    counts = np.zeros(n_experts * n_experts, np.int64)
+    for r, s in slot_pairs:
+        a, b = experts[:, r].astype(np.int64), experts[:, s].astype(np.int64)
+        ok = (a >= 0) & (b >= 0)
+        counts += np.bincount((a * n_experts + b)[ok], minlength=n_experts * n_experts)
+    square = counts.reshape(n_experts, n_experts)
+    return square + square.T
+
+
+def coactivation(source: Source, run: int | None = None, *, phase: str | None = None, variant: str = "all") -> pd.DataFrame:
+    """Per layer and ordered pair i ≠ j: ``n_i`` tokens with i in the top-k, ``n_ij`` co-occurrences,
+    ``p_j_given_i`` = n_ij / n_i (asymmetric), ``jaccard`` = n_ij / (n_i + n_j − n_ij), expert–expert
+    ``npmi`` (§10.4) and the uniform ``baseline`` (k−1)/(E−1). ``variant='adjacent'`` reproduces OLMoE's
+    ``do_coactivation_analysis`` (rank-adjacent pairs only). metrics.md §5."""
+    data = resolve(source, run, phase=phase)
+    frames = []
+    for li, layer in enumerate(data.layer_ids):
+        E, k = int(data.n_experts[li]), int(data.top_k[li])
+        n = group_expert_counts(data.experts[li], E)[0]
+        n_ij = pair_counts(data.experts[li], E, variant)
+        i, j = np.nonzero(~np.eye(E, dtype=bool))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": int(layer),
+                        "expert_i": i,
+                        "expert_j": j,
+                        "n_i": n[i],
+                        "n_ij": n_ij[i, j],
+                        "p_j_given_i": n_ij[i, j] / n[i],
+                        "jaccard": n_ij[i, j] / (n[i] + n[j] - n_ij[i, j]),
+                        "npmi": npmi_from_counts(n_ij[i, j], n[i], n[j], data.n_tokens)[1],
+                        "baseline": (k - 1) / (E - 1) if E > 1 else np.nan,
+                    }
+                )
+            )
+    columns = ["layer", "expert_i", "expert_j", "n_i", "n_ij", "p_j_given_i", "jaccard", "npmi", "baseline"]
+    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+    return result(
+        df, data, "coactivation", variant=variant, variant_label=VARIANTS.get(variant),
+        reference="OLMoE (arXiv 2409.02060) §5 / scripts/run_moe_analysis.py do_coactivation_analysis; metrics.md §5",
+    )  # fmt: skip

@@ -1,0 +1,284 @@
+"""Standing Committee — COMMITTEEAUDIT (Wang et al., arXiv 2601.03425; metrics.md §9, fixtures §9.4).
+
+The question: is there a small set of experts per layer that every domain relies on (a "standing
+committee"), rather than domain specialists? Stage I ranks experts per (domain, layer) by an Expert
+Contribution Index; Stage III keeps the experts ranked consistently high in (almost) every domain's list.
+
+Variants, because the shipped code and the paper differ (§9.3): ECI ``minmax`` (shipped code: min–max
+normalised mean weight × frequency), ``frequency`` (``get_frequency_data.py``), ``expected`` (the paper's
+E[G_i]). The audit takes the true E for the influence ratio (the reference guesses it from the largest id:
+wrong for E = 8 or any E not in {64, 128, 256}); the reference's value is reported beside it. Stage II
+(silhouette filtering of domains) is not in the shipped audit and not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from math import ceil
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis.data import PHASES, RoutingData
+from moelens.errors import InputError
+
+ECI_VARIANTS = ("minmax", "frequency", "expected")
+UNITS = ("last_prompt_token", "token")
+_REFERENCE = "CommitteeAudit (arXiv 2601.03425) get_frequency_and_weight_data.py, Audit_Committee.py; metrics.md §9"
+
+
+def contribution_index(experts: np.ndarray, weights: np.ndarray, n_experts: int, variant: str = "minmax") -> np.ndarray:
+    """ECI of every expert over N units (``[N, K]`` ids and gate weights of one layer and domain).
+
+    ``minmax``: f_i · mean_x (W_xi − min_x W_xi) / (max_x W_xi − min_x W_xi + 1e-6) with W_xi the gate weight
+    if selected else 0; ``frequency``: f_i; ``expected``: mean_x W_xi. (§9.1; ECI fixture §9.4.)
+    """
+    if variant not in ECI_VARIANTS:
+        raise InputError(f"eci must be one of {ECI_VARIANTS}, not {variant!r}")
+    N = len(experts)
+    if N == 0:
+        return np.zeros(n_experts)
+    selected = group_expert_counts(experts, n_experts)[0]
+    if variant == "frequency":
+        return selected / N
+    mass = group_expert_counts(experts, n_experts, weights=weights)[0]
+    if variant == "expected":
+        return mass / N
+    routed = experts >= 0
+    e, w = experts[routed].astype(np.int64), weights[routed].astype(np.float64)
+    top = np.zeros(n_experts)
+    np.maximum.at(top, e, w)  # a column with an unselected unit also holds 0 (weights are >= 0)
+    low = np.full(n_experts, np.inf)
+    np.minimum.at(low, e, w)
+    low = np.where(selected == N, low, 0.0)
+    return (mass - N * low) / (top - low + 1e-6) / N * (selected / N)
+
+
+def unit_tokens(data: RoutingData, unit: str) -> np.ndarray:
+    """Token indices Stage I profiles: each sequence's last prompt token (the reference records one per
+    prompt) or every token."""
+    if unit == "token":
+        return np.arange(data.n_tokens)
+    if unit != "last_prompt_token":
+        raise InputError(f"unit must be one of {UNITS}, not {unit!r}")
+    prompt = np.flatnonzero(data.phase == PHASES.index("prompt"))
+    last = np.r_[data.seq_id[prompt][1:] != data.seq_id[prompt][:-1], True] if len(prompt) else np.zeros(0, bool)
+    return prompt[last]
+
+
+def committee_lists(
+    source: Source,
+    run: int | None = None,
+    *,
+    eci: str = "minmax",
+    list_length: int | None = None,
+    unit: str = "last_prompt_token",
+    decimals: int | None = 4,
+    phase: str | None = None,
+) -> pd.DataFrame:
+    """Stage I: per (layer, label) the top ``list_length`` experts by ECI (default: the layer's k) as rows
+    (layer, domain, rank 1.., expert, value), values rounded to ``decimals`` as the reference table (None
+    keeps full precision); ties by expert id. Unlabelled units are left out."""
+    data = resolve(source, run, phase=phase)
+    units = unit_tokens(data, unit)
+    label = data.label[units]
+    frames = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        K = min(int(list_length or data.top_k[li]), E)
+        for d, name in enumerate(data.label_names):
+            rows = units[label == d]
+            if not len(rows):
+                continue
+            value = contribution_index(data.experts[li, rows], data.weights[li, rows], E, eci)
+            if decimals is not None:
+                value = np.round(value, decimals)
+            order = np.lexsort((np.arange(E), -value))[:K]
+            frames.append(pd.DataFrame({"layer": int(layer), "domain": name, "rank": np.arange(1, K + 1), "expert": order, "value": value[order]}))
+    columns = ["layer", "domain", "rank", "expert", "value"]
+    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+    return result(df, data, "committee_lists", eci=eci, list_length=list_length, unit=unit, decimals=decimals, reference=_REFERENCE)
+
+
+def reference_pool(max_expert_id: int) -> int:
+    """The expert count the reference audit infers from the largest id seen (§9.2)."""
+    for pool in (64, 128, 256):
+        if max_expert_id < pool:
+            return pool
+    return max_expert_id + 1
+
+
+def audit_committee(lists: pd.DataFrame, *, presence_ratio: float = 0.8, n_experts: int | Mapping[int, int] | None = None) -> pd.DataFrame:
+    """Stage III (``Audit_Committee.py`` ``run_standing_committee_audit``) on ordered lists (layer, domain,
+    rank, expert, value; expert -1 = padding). Per layer: each expert's 1-based position in every domain's
+    list, K + 1 where absent (K = the layer's list length; the reference takes the first list's length, the
+    same when all lists are equally long); μ, population σ², presence, avg_eci = Σ value / D (D = distinct
+    domains in the input); candidates present in ≥ ceil(γ·D) domains (else the most present); committee =
+    Pareto-minimal (μ, σ²) candidates sorted by μ; coverage = Σ committee avg_eci / mean list mass; ratio =
+    (coverage/|C|) / ((1 − coverage)/(E − |C|)) with the true E (``n_experts``, per layer or one int; the
+    reference's inferred pool if not given) and ``ratio_reference_pool`` with the pool the reference infers
+    from the largest id (64/128/256). Values are not rounded; layer ids are kept (the reference shifts them
+    down by one when the smallest is 1)."""
+    if not 0 < presence_ratio <= 1:
+        raise InputError(f"presence_ratio must be in (0, 1], not {presence_ratio}")
+    domains = list(lists["domain"].unique())
+    ref_pool = reference_pool(int(lists["expert"].max()) if len(lists) else 0)
+    rows = []
+    for layer, part in lists.groupby("layer", sort=True):
+        per_domain = {d: g.sort_values("rank") for d, g in part.groupby("domain", sort=False)}
+        K = max(len(g) for g in per_domain.values())
+        experts = np.unique(part.loc[part["expert"] >= 0, "expert"].to_numpy())
+        rank = np.full((len(experts), len(domains)), K + 1.0)
+        value = np.zeros((len(experts), len(domains)))
+        for j, d in enumerate(domains):
+            if d not in per_domain:
+                continue
+            ids = per_domain[d]["expert"].to_numpy()
+            real = ids >= 0
+            at = np.searchsorted(experts, ids[real])
+            rank[at, j] = np.arange(1, len(ids) + 1)[real]
+            value[at, j] = per_domain[d]["value"].to_numpy()[real]
+        mass = np.mean([g.loc[g["expert"] >= 0, "value"].sum() for g in per_domain.values()])
+        E = n_experts.get(int(layer)) if isinstance(n_experts, Mapping) else n_experts
+        rows.append(_audit_layer(int(layer), experts, rank, value, K, mass, presence_ratio, E or ref_pool, ref_pool))
+    columns = ["layer", "committee", "size", "avg_mu", "avg_sigma_sq", "coverage", "ratio", "ratio_reference_pool",
+               "n_experts", "n_domains", "list_length"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _audit_layer(
+    layer: int, experts: np.ndarray, rank: np.ndarray, value: np.ndarray, K: int, mass: float,
+    presence_ratio: float, n_experts: int, ref_pool: int,
+) -> dict[str, Any]:  # fmt: skip
+    D = rank.shape[1]
+    mu, var = rank.mean(axis=1), rank.var(axis=1)
+    presence = (rank <= K).sum(axis=1)
+    avg_eci = value.sum(axis=1) / D
+    candidates = np.flatnonzero(presence >= ceil(presence_ratio * D - 1e-9))
+    if not len(candidates) and len(experts):
+        candidates = np.flatnonzero(presence == presence.max())
+    members = [
+        i for i in candidates
+        if not any(mu[j] <= mu[i] and var[j] <= var[i] and (mu[j] < mu[i] or var[j] < var[i]) for j in candidates)
+    ]  # fmt: skip
+    members.sort(key=lambda i: (mu[i], var[i], experts[i]))
+    coverage = float(avg_eci[members].sum() / mass) if mass > 0 else 0.0
+    return {
+        "layer": layer,
+        "committee": [int(experts[i]) for i in members],
+        "size": len(members),
+        "avg_mu": float(mu[members].mean()) if members else np.nan,
+        "avg_sigma_sq": float(var[members].mean()) if members else np.nan,
+        "coverage": coverage,
+        "ratio": _ratio(coverage, len(members), n_experts),
+        "ratio_reference_pool": _ratio(coverage, len(members), ref_pool),
+        "n_experts": n_experts,
+        "n_domains": D,
+        "list_length": K,
+    }
+
+
+def _ratio(coverage: float, size: int, pool: int) -> float:
+    """Influence density of the committee against the rest of the pool (1.0 when undefined)."""
+    if not 0 < size < pool:
+        return 1.0
+    if coverage >= 1 - 1e-12:  # all of the list mass (up to float noise in the sums)
+        return float("inf")
+    return (coverage / size) / ((1 - coverage) / (pool - size))
+
+
+def committee_lists_from_long(rows: pd.DataFrame, *, agg: str = "mean", list_length: int | None = None) -> pd.DataFrame:
+    """Ordered lists from the reference's long-format input (layer, domain, expert_idx, expert_weight
+    [, topk_rank]): weight aggregated per (layer, domain, expert) with ``agg`` (mean over the rows where the
+    expert appears, sum or median), sorted by it (ties by mean rank), cut to K = ``list_length``, else
+    max(topk_rank) + 1, else the most distinct experts in any group, padded with expert -1 / 0.0 (§9.2)."""
+    if agg not in ("mean", "sum", "median"):
+        raise InputError(f"agg must be mean, sum or median, not {agg!r}")
+    has_rank = "topk_rank" in rows
+    grouped = rows.groupby(["layer", "domain", "expert_idx"], sort=False).agg(
+        value=("expert_weight", agg), mean_rank=("topk_rank" if has_rank else "expert_weight", "mean" if has_rank else "size")
+    ).reset_index()
+    if not has_rank:
+        grouped["mean_rank"] = 0.0
+    K = list_length or (int(rows["topk_rank"].max()) + 1 if has_rank else int(grouped.groupby(["layer", "domain"]).size().max()))
+    frames = []
+    for (layer, domain), g in grouped.groupby(["layer", "domain"], sort=False):
+        g = g.sort_values(["value", "mean_rank"], ascending=[False, True], kind="stable").head(K)
+        pad = K - len(g)
+        frames.append(
+            pd.DataFrame(
+                {"layer": layer, "domain": domain, "rank": np.arange(1, K + 1),
+                 "expert": np.r_[g["expert_idx"].to_numpy(), np.full(pad, -1)].astype(np.int64),
+                 "value": np.r_[g["value"].to_numpy(), np.zeros(pad)]}
+            )
+        )  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "domain", "rank", "expert", "value"])
+
+
+def standing_committee(
+    source: Source,
+    run: int | None = None,
+    *,
+    eci: str = "minmax",
+    list_length: int | None = None,
+    presence_ratio: float = 0.8,
+    unit: str = "last_prompt_token",
+    decimals: int | None = 4,
+    phase: str | None = None,
+) -> pd.DataFrame:
+    """Stage I lists (`committee_lists`) audited by Stage III (`audit_committee`) with the run's true E per
+    layer. Per layer: committee (expert ids, by μ), size, avg_mu, avg_sigma_sq, coverage, ratio,
+    ratio_reference_pool (the reference's guessed E). Needs at least one label."""
+    data = resolve(source, run, phase=phase)
+    lists = committee_lists(data, eci=eci, list_length=list_length, unit=unit, decimals=decimals)
+    if lists.empty:
+        raise InputError("the standing committee needs labelled sequences (domains); this data has none")
+    df = audit_committee(lists, presence_ratio=presence_ratio, n_experts=dict(zip(data.layer_ids.tolist(), data.n_experts.tolist())))
+    return result(
+        df, data, "standing_committee", eci=eci, list_length=list_length, presence_ratio=presence_ratio, unit=unit,
+        decimals=decimals, stage_ii="not applied (not in the shipped audit)", reference=_REFERENCE,
+    )  # fmt: skip
+
+
+def committee_share(
+    source: Source,
+    run: int | None = None,
+    *,
+    committee: pd.DataFrame | Mapping[int, Any] | None = None,
+    unit: str = "token",
+    phase: str | None = None,
+    **committee_params: Any,
+) -> pd.DataFrame:
+    """Per (layer, label): the committee's ``count_share`` of routed slots and ``mass_share`` of gate mass
+    over the label's units (all tokens by default). ``committee`` is a `standing_committee` result or
+    {layer: [experts]}; by default it is computed with ``committee_params``. [moelens] (the paper's
+    "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
+    data = resolve(source, run, phase=phase)
+    if committee is None:
+        committee = standing_committee(data, **committee_params)
+    members = dict(zip(committee["layer"], committee["committee"])) if isinstance(committee, pd.DataFrame) else dict(committee)
+    units = unit_tokens(data, unit)
+    label = data.label[units]
+    D = len(data.label_names)
+    n_units = np.bincount(label[label >= 0], minlength=D)
+    frames = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        chosen = np.zeros(E, bool)
+        chosen[list(members.get(int(layer), []))] = True
+        exp, w = data.experts[li, units], data.weights[li, units]
+        counts = group_expert_counts(exp, E, label, D)
+        mass = group_expert_counts(exp, E, label, D, weights=w)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frames.append(
+                pd.DataFrame(
+                    {"layer": int(layer), "label": list(data.label_names), "committee": [sorted(members.get(int(layer), []))] * D,
+                     "n_units": n_units, "count_share": counts[:, chosen].sum(axis=1) / counts.sum(axis=1),
+                     "mass_share": mass[:, chosen].sum(axis=1) / mass.sum(axis=1)}
+                )
+            )  # fmt: skip
+    columns = ["layer", "label", "committee", "n_units", "count_share", "mass_share"]
+    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+    return result(df, data, "committee_share", unit=unit, reference="[moelens] over " + _REFERENCE)

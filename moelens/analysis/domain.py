@@ -1,0 +1,133 @@
+"""Domain specialization (OLMoE §5, metrics.md §2) and the per-layer "is the routing meaningful?" summary
+(demo-model.md).
+
+Why a summary beside the per-expert table: max specialization alone overlaps between random-init and
+trained models (domains differ in token statistics), so the summary leads with mutual information, JS
+divergence and purity, and reports every rate next to its chance value.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis._common import Source, consecutive_pairs, entropy, group_expert_counts, resolve, result
+from moelens.analysis.repetition import first_choice_repeats
+
+
+def domain_specialization(
+    source: Source, run: int | None = None, *, phase: str | None = None, top1: bool = False, pseudocount: float = 1.0
+) -> pd.DataFrame:
+    """Per (layer, expert, label): ``spec`` = N_{E,D} / N_D, the share of the label's tokens that have the
+    expert in their top-k (rank 0 only with ``top1``), against ``baseline`` k/E (1/E), ``lift`` =
+    spec/baseline, and ``log2_ratio`` = log2 of the label's load share over the overall load share (all
+    tokens), both smoothed with ``pseudocount`` per expert (moe-vis style). OLMoE
+    ``scripts/run_routing_analysis.py``; metrics.md §2, toy §15.6. Unlabelled tokens count only in the
+    overall load.
+    """
+    data = resolve(source, run, phase=phase)
+    D = len(data.label_names)
+    n_d = np.bincount(data.label[data.label >= 0], minlength=D).astype(np.float64)
+    frames = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        slots = data.experts[li, :, :1] if top1 else data.experts[li]
+        by_label = group_expert_counts(slots, E, data.label, D)
+        overall = group_expert_counts(slots, E)[0]
+        baseline = (1.0 if top1 else float(data.top_k[li])) / E
+        alpha = pseudocount
+        share_d = (by_label + alpha) / (by_label.sum(axis=1, keepdims=True) + alpha * E)
+        share_all = (overall + alpha) / (overall.sum() + alpha * E)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spec = by_label / n_d[:, None]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": int(layer),
+                        "expert": np.tile(np.arange(E), D),
+                        "label": np.repeat(np.array(data.label_names, dtype=object), E),
+                        "n_label_tokens": np.repeat(n_d.astype(np.int64), E),
+                        "count": by_label.ravel(),
+                        "spec": spec.ravel(),
+                        "baseline": baseline,
+                        "lift": (spec / baseline).ravel(),
+                        "log2_ratio": np.log2(share_d / share_all).ravel(),
+                    }
+                )
+            )
+    columns = ["layer", "expert", "label", "n_label_tokens", "count", "spec", "baseline", "lift", "log2_ratio"]
+    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+    return result(
+        df, data, "domain_specialization", top1=top1, pseudocount=pseudocount,
+        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_routing_analysis.py; metrics.md §2",
+    )  # fmt: skip
+
+
+def domain_summary(source: Source, run: int | None = None, *, phase: str | None = None) -> pd.DataFrame:
+    """Per layer, the routing-quality table of demo-model.md:
+
+    * ``mi_ratio`` = MI(label; top-1 expert) / H(label) over labelled tokens with a first choice;
+    * ``js_bits`` = mean pairwise Jensen–Shannon divergence (bits) of the labels' top-k load-share vectors;
+    * ``purity`` = mean over used experts of max_D spec(e, D) / Σ_D spec(e, D) — spec normalised per label, so
+      chance is ``chance_purity`` = 1/D whatever the label sizes;
+    * ``max_spec`` = max over (expert, label) of the top-k spec, against ``uniform_spec`` = k/E;
+    * ``dead_experts`` (no routed slot in the data), ``same_top1`` = consecutive same first choice rate
+      against ``uniform_top1`` = 1/E and the i.i.d. expectation ``sum_sq_top1`` = Σ q² of first-choice shares.
+    """
+    data = resolve(source, run, phase=phase)
+    D = len(data.label_names)
+    n_d = np.bincount(data.label[data.label >= 0], minlength=D).astype(np.float64)
+    pairs = consecutive_pairs(data)
+    rows = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        topk = group_expert_counts(data.experts[li], E, data.label, D)
+        top1 = group_expert_counts(data.experts[li, :, :1], E, data.label, D)
+        q = group_expert_counts(data.experts[li, :, :1], E)[0]
+        valid, same = first_choice_repeats(data, li, pairs)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spec = topk / n_d[:, None]
+            used = spec.sum(axis=0) > 0
+            rows.append(
+                {
+                    "layer": int(layer),
+                    "n_labels": int((n_d > 0).sum()),
+                    "mi_ratio": _mi_ratio(top1),
+                    "js_bits": _mean_js_bits(topk),
+                    "purity": float((spec.max(axis=0)[used] / spec.sum(axis=0)[used]).mean()) if used.any() else np.nan,
+                    "chance_purity": 1.0 / (n_d > 0).sum() if (n_d > 0).any() else np.nan,
+                    "max_spec": float(np.nanmax(spec)) if (n_d > 0).any() else np.nan,
+                    "uniform_spec": float(data.top_k[li]) / E,
+                    "dead_experts": int((group_expert_counts(data.experts[li], E)[0] == 0).sum()),
+                    "same_top1": float(same.sum() / valid.sum()) if valid.any() else np.nan,
+                    "uniform_top1": 1.0 / E,
+                    "sum_sq_top1": float(((q / q.sum()) ** 2).sum()) if q.sum() else np.nan,
+                }
+            )
+    return result(pd.DataFrame(rows), data, "domain_summary", reference="demo-model.md 'Is the routing meaningful?'; metrics.md §2, §6")
+
+
+def _mi_ratio(joint_counts: np.ndarray) -> float:
+    """MI(row; column) / H(row) of a contingency table (NaN if H(row) = 0). Marginals are taken from the
+    integer counts so a single-row table has exactly zero entropy."""
+    total = joint_counts.sum()
+    if total == 0:
+        return float("nan")
+    h_row = entropy(joint_counts.sum(axis=1) / total)
+    if h_row == 0:
+        return float("nan")
+    mi = h_row + entropy(joint_counts.sum(axis=0) / total) - entropy(joint_counts.ravel() / total)
+    return float(mi / h_row)
+
+
+def _mean_js_bits(load: np.ndarray) -> float:
+    """Mean Jensen–Shannon divergence (base 2) over all pairs of rows with any load."""
+    rows = load[load.sum(axis=1) > 0]
+    dist = rows / rows.sum(axis=1, keepdims=True)
+    values = [
+        entropy((a + b) / 2, base=2) - (entropy(a, base=2) + entropy(b, base=2)) / 2 for a, b in combinations(dist, 2)
+    ]
+    return float(np.mean(values)) if values else float("nan")
+

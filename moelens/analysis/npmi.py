@@ -1,0 +1,122 @@
+"""Normalised PMI between a token predicate and each expert — RICE "cognitive experts" (metrics.md §10).
+
+Why nPMI: it is bounded in [−1, 1] and corrects for both the expert's overall load and the predicate's
+frequency, so a busy expert does not win by default (unlike raw co-occurrence counts). The RICE estimator
+and its composite score come from summaries of the paper (not verified against the PDF); the estimator
+here is the moelens one of §10.1 over all token positions of one layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis.data import RoutingData
+from moelens.errors import InputError
+
+_REFERENCE = "RICE (arXiv 2505.14681) via summaries, unverified; moelens estimator metrics.md §10.1"
+
+
+def npmi_from_counts(n_xy: np.ndarray, n_x: Any, n_y: Any, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(PMI in bits, nPMI) from joint and marginal counts over ``total`` positions. nPMI = −1 when the pair
+    never co-occurs, 1 when it always does (p(x, y) = 1); NaN when a marginal is 0 (undefined)."""
+    n_xy, n_x, n_y = (np.asarray(v, np.float64) for v in (n_xy, n_x, n_y))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_xy = n_xy / total
+        pmi = np.log2(p_xy / ((n_x / total) * (n_y / total)))
+        value = pmi / -np.log2(p_xy)
+    value = np.where(n_xy == 0, -1.0, np.where(n_xy == total, 1.0, value))
+    undefined = (n_x == 0) | (n_y == 0) | (total == 0)
+    return np.where(undefined, np.nan, pmi), np.where(undefined, np.nan, value)
+
+
+def token_predicate(
+    data: RoutingData,
+    *,
+    tokens: Iterable[int] | None = None,
+    regex: str | None = None,
+    label: str | None = None,
+) -> tuple[np.ndarray, str]:
+    """bool[T] "position t matches x" for exactly one of: a set of token ids, a regex searched in the token
+    text, or a sequence label; plus a short description of the predicate."""
+    given = [v is not None for v in (tokens, regex, label)]
+    if sum(given) != 1:
+        raise InputError("give exactly one of tokens=[ids...], regex='...' or label='...'")
+    if tokens is not None:
+        ids = np.asarray(list(tokens), dtype=np.int64)
+        return np.isin(data.token_id, ids), f"token_id in {ids.tolist()}"
+    if regex is not None:
+        pattern = re.compile(regex)
+        codes, uniques = pd.factorize(pd.Series(data.token_text(), dtype=object))
+        matches = np.array([bool(pattern.search(str(u))) for u in uniques], dtype=bool)
+        return (matches[codes] if len(codes) else np.zeros(0, bool)), f"token text matches {regex!r}"
+    if label not in data.label_names:
+        raise InputError(f"unknown label {label!r}; labels are {list(data.label_names)}")
+    return data.label == data.label_names.index(label), f"sequence label == {label!r}"
+
+
+def npmi(
+    source: Source,
+    run: int | None = None,
+    *,
+    tokens: Iterable[int] | None = None,
+    regex: str | None = None,
+    label: str | None = None,
+    layer: int | None = None,
+    phase: str | None = None,
+) -> pd.DataFrame:
+    """nPMI(x, (layer, expert)) for a token predicate x, ranked (highest first). Per layer over its T
+    positions: p(x) = n_x/T, p(e) = n_e/T (tokens with e in the top-k), p(x, e) = n_xe/T; nPMI = PMI /
+    −log2 p(x, e). Columns layer, expert, n_x, n_e, n_xe, pmi (bits), npmi. metrics.md §10.1, toy §15.8."""
+    data = resolve(source, run, phase=phase)
+    mask, described = token_predicate(data, tokens=tokens, regex=regex, label=label)
+    layers = range(data.n_layers) if layer is None else [data.layer_index(layer)]
+    frames = []
+    for li in layers:
+        E = int(data.n_experts[li])
+        n_e = group_expert_counts(data.experts[li], E)[0]
+        n_xe = group_expert_counts(data.experts[li, mask], E)[0]
+        pmi, value = npmi_from_counts(n_xe, mask.sum(), n_e, data.n_tokens)
+        frames.append(
+            pd.DataFrame(
+                {"layer": int(data.layer_ids[li]), "expert": np.arange(E), "n_x": int(mask.sum()), "n_e": n_e,
+                 "n_xe": n_xe, "pmi": pmi, "npmi": value}
+            )
+        )  # fmt: skip
+    df = pd.concat(frames).sort_values(["npmi", "layer", "expert"], ascending=[False, True, True], na_position="last")
+    return result(df, data, "npmi", predicate=described, layer=layer, reference=_REFERENCE)
+
+
+def npmi_combined(
+    source: Source,
+    run: int | None = None,
+    targets: Sequence[tuple[float, Mapping[str, Any]]] = (),
+    *,
+    layer: int | None = None,
+    phase: str | None = None,
+) -> pd.DataFrame:
+    """RICE-style composite ``score`` = Σ coef_i · nPMI(predicate_i, e) per (layer, expert), ranked globally
+    (whether RICE ranks per layer or globally is unverified). ``targets`` is a list of
+    ``(coef, {"tokens": [...]} | {"regex": ...} | {"label": ...})``; e.g. RICE's
+    ``[(1, {"regex": "<think>"}), (-1, {"regex": "</think>"}), (-1, {"regex": "Alternatively"})]``.
+    Columns layer, expert, score, npmi_0 … npmi_{n-1}."""
+    if not targets:
+        raise InputError("give targets=[(coef, {'tokens'|'regex'|'label': ...}), ...]")
+    data = resolve(source, run, phase=phase)
+    merged: pd.DataFrame | None = None
+    score: Any = 0.0
+    for i, (coef, kwargs) in enumerate(targets):
+        part = npmi(data, layer=layer, **dict(kwargs))[["layer", "expert", "npmi"]].rename(columns={"npmi": f"npmi_{i}"})
+        merged = part if merged is None else merged.merge(part, on=["layer", "expert"])
+    assert merged is not None
+    for i, (coef, _) in enumerate(targets):
+        score = score + float(coef) * merged[f"npmi_{i}"]
+    merged.insert(2, "score", score)
+    merged = merged.sort_values(["score", "layer", "expert"], ascending=[False, True, True], na_position="last")
+    described = [(float(c), dict(kw)) for c, kw in targets]
+    return result(merged, data, "npmi_combined", targets=described, layer=layer, reference=_REFERENCE)
