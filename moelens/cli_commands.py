@@ -75,7 +75,7 @@ def demo(
     ctx: typer.Context,
     db: Path = typer.Option(DEFAULT_DB, "--db", help="Trace store to record into."),
     no_app: bool = typer.Option(False, "--no-app", help="Print a summary instead of opening the workbench."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap the held-out tokens recorded (quick tries)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Quick try: record this many held-out tokens, sampled from the start of every domain's documents."),
     again: bool = typer.Option(False, "--again", help="Record again even if the store already has the demo runs."),
 ) -> None:
     """Record the bundled demo model over its held-out corpus (plus generations and the early checkpoint), then open the workbench."""

@@ -1,9 +1,9 @@
 """`moelens demo`: record the bundled model over its held-out corpus and open the workbench.
 
 Three runs land in the store, each named so a second `moelens demo` reuses them instead of recording again:
-the trained model over the held-out corpus (labelled by domain), a few greedy generations from one prompt
-per domain, and the early checkpoint over the same tokens (a real pair for run-vs-run agreement and router
-saturation).
+the early checkpoint over the held-out corpus (a real pair for run-vs-run agreement and router saturation),
+a few greedy generations from one prompt per domain, and the trained model over the held-out corpus
+(labelled by domain). The last is recorded last so the workbench opens on it (it shows the newest run).
 """
 
 from __future__ import annotations
@@ -43,28 +43,28 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     store = TraceStore(db)
     existing = store.runs(status="complete")
     have = dict(zip(existing["name"], existing["run_id"])) if not again else {}
-    docs = [{"text": d["text"], "label": d["domain"], "id": d["id"]} for d in load_corpus("heldout")]
+    docs = _interleaved(load_corpus("heldout"), head_chars=None if max_tokens is None else 4 * seq_len)
     runs: dict[str, int] = {}
     model, tok = load_model(DEMO_MODEL_DIR, dtype="float32")
     common = dict(store=store, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=progress)
-    if RUN_HELDOUT in have:
-        runs[RUN_HELDOUT] = int(have[RUN_HELDOUT])
+    if RUN_EARLY in have:
+        runs[RUN_EARLY] = int(have[RUN_EARLY])
     else:
-        console.print(f"recording the demo model over {len(docs)} held-out documents ...")
-        runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+        console.print(f"recording the early checkpoint over {len(docs)} held-out documents ...")
+        early, early_tok = load_model(DEMO_EARLY_DIR, dtype="float32")
+        runs[RUN_EARLY] = record(early, early_tok, docs, name=RUN_EARLY, model_name="moelens-demo (early checkpoint)",
+                                 **common)
     if RUN_GENERATIONS in have:
         runs[RUN_GENERATIONS] = int(have[RUN_GENERATIONS])
     else:
         console.print("recording greedy generations ...")
         runs[RUN_GENERATIONS] = record(model, tok, list(PROMPTS.values()), labels=list(PROMPTS), generate=32,
                                        name=RUN_GENERATIONS, model_name="moelens-demo", store=store, progress=progress)
-    if RUN_EARLY in have:
-        runs[RUN_EARLY] = int(have[RUN_EARLY])
+    if RUN_HELDOUT in have:
+        runs[RUN_HELDOUT] = int(have[RUN_HELDOUT])
     else:
-        console.print("recording the early checkpoint over the same tokens ...")
-        early, early_tok = load_model(DEMO_EARLY_DIR, dtype="float32")
-        runs[RUN_EARLY] = record(early, early_tok, docs, name=RUN_EARLY, model_name="moelens-demo (early checkpoint)",
-                                 **common)
+        console.print(f"recording the demo model over {len(docs)} held-out documents ...")
+        runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
     if open_app:
         from moelens.app_launcher import launch
 
@@ -72,6 +72,20 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     else:
         _summary(store, runs)
     return runs
+
+
+def _interleaved(corpus: list[dict], head_chars: int | None = None) -> list[dict]:
+    """Documents in round-robin domain order; with ``head_chars``, only the start of each document.
+
+    A token budget (``--max-tokens``) then samples every domain instead of the first long documents.
+    """
+    seen: dict[str, int] = {}
+    keyed = []
+    for doc in corpus:
+        turn = seen[doc["domain"]] = seen.get(doc["domain"], -1) + 1
+        text = doc["text"] if head_chars is None else doc["text"][:head_chars]
+        keyed.append((turn, doc["domain"], {"text": text, "label": doc["domain"], "id": doc["id"]}))
+    return [doc for _, _, doc in sorted(keyed, key=lambda item: item[:2])]
 
 
 def _summary(store: TraceStore, runs: dict[str, int]) -> None:
