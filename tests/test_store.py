@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import subprocess
+import sys
 import time
 
 import duckdb
@@ -117,30 +118,25 @@ def test_read_only_refuses_writes(store: TraceStore) -> None:
         ro.create_run("m")
 
 
-def _hold_lock(path: str, seconds: float, ready) -> None:
-    con = duckdb.connect(path)
-    ready.set()
-    time.sleep(seconds)
-    con.close()
+def _hold_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process that holds the file's write lock for ``seconds`` (returns once it holds it)."""
+    code = ("import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(float(sys.argv[2])); con.close()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
 
 
 def test_waits_for_another_writer_then_reports_lock(store: TraceStore) -> None:
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(store.path), 1.0, ready))
-    holder.start()
-    ready.wait(30)
+    holder = _hold_lock(store.path, 1.0)
     started = time.monotonic()
     run = TraceStore(store.path, lock_timeout=20).create_run("after-wait")  # waits for the lock, then writes
     assert run == 1 and time.monotonic() - started > 0.3
-    holder.join()
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(store.path), 3.0, ready))
-    holder.start()
-    ready.wait(30)
+    holder.wait(30)
+    holder = _hold_lock(store.path, 3.0)
     with pytest.raises(StoreLockedError, match="locked by another process"):
         TraceStore(store.path, lock_timeout=0.5).create_run("too-soon")
-    holder.join()
+    holder.wait(30)
     assert store.runs()["model"].tolist() == ["after-wait"]
 
 
