@@ -160,3 +160,10 @@ def test_routing_rows_and_shared_session(store: TraceStore) -> None:
             assert a is b  # one connection for every read in the block
         assert shared.run(run)["model"] == "m" and len(shared.routing(run)) == 6
     assert store._session is None
+
+
+def test_arrow_query(store: TraceStore) -> None:
+    run = store.create_run("m")
+    store.append(run, {"routing": _routing(2)})
+    table = store.arrow("SELECT expert FROM routing WHERE run_id = ? ORDER BY pos, rank", [run])
+    assert table.column("expert").to_pylist() == [0, 1, 2, 3]

@@ -72,10 +72,6 @@ def group_expert_counts(
     return counts.reshape(n_groups, n_experts)
 
 
-def label_names(data: RoutingData) -> list[str]:
-    return list(data.label_names)
-
-
 def consecutive_pairs(data: RoutingData) -> np.ndarray:
     """Indices t of the consecutive token pairs (t, t+1) inside one sequence (metrics.md §6: never across
     sequences; with all phases pooled the prompt→generation pair is included)."""

@@ -234,7 +234,10 @@ def standing_committee(
     data = resolve(source, run, phase=phase)
     lists = committee_lists(data, eci=eci, list_length=list_length, unit=unit, decimals=decimals)
     if lists.empty:
-        raise InputError("the standing committee needs labelled sequences (domains); this data has none")
+        raise InputError(
+            f"no labelled units to profile (unit={unit!r}): the standing committee needs labelled sequences"
+            + (" with prompt tokens" if unit == "last_prompt_token" else "")
+        )
     df = audit_committee(lists, presence_ratio=presence_ratio, n_experts=dict(zip(data.layer_ids.tolist(), data.n_experts.tolist())))
     return result(
         df, data, "standing_committee", eci=eci, list_length=list_length, presence_ratio=presence_ratio, unit=unit,

@@ -131,6 +131,7 @@ class RoutingData:
         if router_logits is not None:
             data._lazy["logits"] = {int(layer): np.asarray(v, np.float32) for layer, v in router_logits.items()}
         data._validate()
+        data.freeze()
         return data
 
     @classmethod
@@ -168,6 +169,13 @@ class RoutingData:
             raise InputError("tokens must be sorted by (seq_id, pos) with unique, non-negative positions")
         if self.shared_gate is not None and self.shared_gate.shape != (L, T):
             raise InputError(f"shared_gate must be [layers, tokens] = {(L, T)}")
+
+    def freeze(self) -> RoutingData:
+        """Make every array read-only (cached runs are shared between callers) and return self."""
+        for value in vars(self).values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+        return self
 
     # -- shape ---------------------------------------------------------------------------------------
 
@@ -229,9 +237,8 @@ class RoutingData:
             phase_filter=phase_filter if phase_filter is not None else self.phase_filter,
             _lazy={},
         )
-        parent = self
-        sub._lazy["parent"] = (parent, idx)
-        return sub
+        sub._lazy["parent"] = (self, idx)
+        return sub.freeze()
 
     # -- optional columns, loaded on first use -------------------------------------------------------
 

@@ -146,7 +146,7 @@ def _read_run(store: Any, run_id: int, phase: str | None) -> RoutingData:
         experts, weights = _scatter_routing(con, run_id, index, layers, T)
         shared = _scatter_shared(con, run_id, index, layers, T)
 
-    return RoutingData(
+    return RoutingData(  # frozen: the cache hands the same arrays to every caller
         experts=experts,
         weights=weights,
         layer_ids=layers["layer"].to_numpy(np.int32),
@@ -162,7 +162,7 @@ def _read_run(store: Any, run_id: int, phase: str | None) -> RoutingData:
         shared_gate=shared,
         phase_filter=phase,
         origin=Origin(store.path.resolve(), run_id, phase),
-    )
+    ).freeze()
 
 
 def _is(column: pa.ChunkedArray, value: str) -> np.ndarray:

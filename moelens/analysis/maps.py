@@ -23,7 +23,8 @@ def expert_profiles(data: RoutingData, profile: str = "label", n_features: int =
 
     ``label``: the expert's label specialization spec(e, D) = n_{e,D}/N_D normalised over labels (so label
     sizes do not matter); ``token``: the share of the expert's tokens that are each of the ``n_features``
-    most frequent input token ids. ``dominant_label``/``share`` always come from the label profile."""
+    most frequent input token ids. ``dominant_label``/``share`` always come from the label profile.
+    [moelens]; the label profile is OLMoE's domain specialization (metrics.md §2) normalised per expert."""
     if profile not in PROFILES:
         raise InputError(f"profile must be one of {PROFILES}, not {profile!r}")
     D = len(data.label_names)
@@ -93,7 +94,8 @@ def expert_map(
 ) -> pd.DataFrame:
     """UMAP (Hellinger distance, seeded) of every (layer, expert)'s profile (`expert_profiles`): columns
     layer, expert, x, y, count, dominant_label, share [, dominant_token]. Experts with no routed token keep
-    NaN coordinates. Label profiles need labelled sequences."""
+    NaN coordinates. Label profiles need labelled sequences. [moelens] (peers.md §7.8; moe-vis' atlas is a
+    static t-SNE)."""
     data = resolve(source, run, phase=phase)
     keys, matrix = expert_profiles(data, profile, n_features)
     if profile == "label" and not data.label_names:
@@ -120,7 +122,7 @@ def token_map(
 ) -> pd.DataFrame:
     """UMAP (cosine, seeded) of router-logit vectors of up to ``max_tokens`` sampled tokens of one layer,
     centred per token (softmax ignores shifts): columns seq_id, pos, token_id, token, label, top1 (the
-    recorded first choice), x, y. Needs logits recorded for that layer."""
+    recorded first choice), x, y. Needs logits recorded for that layer. [moelens]"""
     data = resolve(source, run, phase=phase)
     li = data.layer_index(layer)
     logits = data.router_logits(layer)

@@ -104,7 +104,8 @@ def npmi_combined(
     (whether RICE ranks per layer or globally is unverified). ``targets`` is a list of
     ``(coef, {"tokens": [...]} | {"regex": ...} | {"label": ...})``; e.g. RICE's
     ``[(1, {"regex": "<think>"}), (-1, {"regex": "</think>"}), (-1, {"regex": "Alternatively"})]``.
-    Columns layer, expert, score, npmi_0 … npmi_{n-1}."""
+    Columns layer, expert, score, npmi_0 … npmi_{n-1}. metrics.md §10.1 (composite from summaries of RICE,
+    unverified)."""
     if not targets:
         raise InputError("give targets=[(coef, {'tokens'|'regex'|'label': ...}), ...]")
     data = resolve(source, run, phase=phase)

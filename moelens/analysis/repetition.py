@@ -39,7 +39,8 @@ def repetition(
     (a token without a first choice / without any routed expert leaves its pairs out); baselines
     ``uniform_first`` 1/E, ``uniform_overlap``, load-aware ``sum_sq_first`` Σq² (q = first-choice shares of
     the group's tokens) and the permutation rates ``perm_first`` / ``perm_overlap`` (seeded by ``seed``).
-    With ``by_label`` a pair belongs to its first token's label.
+    With ``by_label`` a pair belongs to its first token's label. Mixtral (arXiv 2401.04088) Table 5;
+    metrics.md §6, toy §15.2.
     """
     data = resolve(source, run, phase=phase)
     rng = np.random.default_rng(seed)

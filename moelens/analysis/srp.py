@@ -68,7 +68,8 @@ def srp(
     Columns [layer] [expert] [label] m, srp, theta (θ*, -1 without windows), rho (ρ̂), act_rate, f1_theta0
     (the θ = 0 baseline 2r/(1+r) at the data's activation rate r), n_windows. Windows are every stride-1
     run of m tokens inside one sequence (a phase filter splits a sequence into its prompt and generated
-    parts); a group with no window of length m gets NaN."""
+    parts); a group with no window of length m gets NaN. moe-lrc ``30_srp_calc.py``/``31_srp_refine.py``;
+    metrics.md §7.1-7.2, fixtures §15.3."""
     if level not in LEVELS:
         raise InputError(f"level must be one of {LEVELS}, not {level!r}")
     ms = [int(m) for m in segment_lengths]
@@ -122,7 +123,7 @@ def _frames(
         return df[np.repeat(present, X)]
 
     if level == "model":
-        return [block(sum(h.sum(axis=1) for h in hists)[:, None, :], {})]
+        return [block(sum(h.sum(axis=1) for h in hists)[:, None, :], {})] if hists else []
     if level == "layer":
         return [block(h.sum(axis=1)[:, None, :], {"layer": data.layer_ids[li : li + 1]}) for li, h in enumerate(hists)]
     return [

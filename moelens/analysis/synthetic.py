@@ -43,6 +43,7 @@ def synthetic(
     log-popularity, ``token_affinity`` the chance a token's first choice is its token id's fixed expert,
     ``persistence`` the chance a token copies the previous token's experts, ``generated_fraction`` the tail
     of each sequence marked as generated, ``drop_rate`` the chance a slot is capacity-dropped (-1).
+    Log-normal popularity as plumb-moe's generator (peers.md §3.15).
     """
     rng = np.random.default_rng(seed)
     n_seq = max(1, -(-n_tokens // seq_len))

@@ -31,7 +31,8 @@ def transition_counts(data: RoutingData, li: int, top1: bool = True) -> np.ndarr
 
 def cross_layer_transitions(source: Source, run: int | None = None, *, phase: str | None = None, top1: bool = True) -> pd.DataFrame:
     """Per consecutive MoE layer pair: ``count`` of tokens routed expert → next_expert (first choices, or
-    all slot pairs with ``top1=False``) and ``p`` = P(next_expert | expert). Only pairs with count > 0."""
+    all slot pairs with ``top1=False``) and ``p`` = P(next_expert | expert). Only pairs with count > 0.
+    [moelens] (no reference definition)."""
     data = resolve(source, run, phase=phase)
     frames = []
     for li in range(data.n_layers - 1):
@@ -58,7 +59,8 @@ def cross_layer_consistency(source: Source, run: int | None = None, *, phase: st
     """Per consecutive MoE layer pair, from first choices of tokens routed at both: ``mi_bits`` =
     MI(top-1 here; top-1 next), ``u_next`` = MI / H(next) (share of the next choice's uncertainty this
     layer explains), ``predictability`` = accuracy of the best map expert → next expert (Σ_e max_e' n /
-    N) against ``baseline`` = always guessing the most common next expert."""
+    N) against ``baseline`` = always guessing the most common next expert. [moelens], after Megatron
+    ``tools/moe_routing`` "predictability" (peers.md §2.2)."""
     data = resolve(source, run, phase=phase)
     rows = []
     for li in range(data.n_layers - 1):
