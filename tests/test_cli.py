@@ -120,3 +120,14 @@ def test_corrupt_and_newer_stores(tmp_path, recorded) -> None:
     con = duckdb.connect(str(newer), read_only=True)
     assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
     con.close()
+
+
+def test_analyze_lists_and_computes_scores(recorded) -> None:
+    db = str(recorded)
+    assert "srp" in moelens("analyze", "--list", "--format", "csv").stdout
+    rows = json.loads(moelens("analyze", "expert_load", "--run", "1", "--db", db, "--format", "json").stdout)
+    assert {r["layer"] for r in rows} == {0, 1} and abs(sum(r["share"] for r in rows if r["layer"] == 0) - 1) < 1e-6
+    csv_out = moelens("analyze", "srp", "--db", db, "-p", "segment_lengths=[2]", "--format", "csv").stdout
+    assert csv_out.splitlines()[0].startswith("layer,m,srp")
+    proc = moelens("analyze", "no_such_score", "--db", db, check=False)
+    assert proc.returncode == 1 and "unknown score" in proc.stderr
