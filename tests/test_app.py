@@ -358,3 +358,27 @@ def test_steer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
     cmp = run_page(APP / "pages" / "09_Compare.py", db, query={"run": str(base), "run_b": str(steered)})
     assert not problems(cmp)
     assert plotly_specs(cmp)[0]["layout"]["meta"]["moelens_figure"] == "agreement_chart"
+
+
+# -- every page on a real recording of the bundled demo model ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory) -> dict:
+    from moelens.demo import DEMO_MODEL_DIR
+    from moelens.demo.run import RUN_EARLY, RUN_HELDOUT, run_demo
+
+    if not (DEMO_MODEL_DIR / "model.safetensors").exists():
+        pytest.skip("demo model not shipped")
+    db = tmp_path_factory.mktemp("app_demo") / "demo.duckdb"
+    runs = run_demo(db, open_app=False, max_tokens=3000, progress=False)
+    return {"path": db, "heldout": runs[RUN_HELDOUT], "early": runs[RUN_EARLY]}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_page_on_demo_store(page: Path, demo_store: dict) -> None:
+    at = run_page(page, demo_store["path"])
+    assert not problems(at), problems(at)
+    assert at.title
+    if page.stem != "10_Steer":  # the Steer page picks a model, not a run
+        assert at.sidebar.selectbox[0].value == demo_store["heldout"]  # opens on the trained model's held-out run
