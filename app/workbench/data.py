@@ -14,15 +14,18 @@ import contextlib
 import importlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import streamlit as st
 
 from moelens.errors import MoelensError
 from moelens.store import TraceStore
+
+if TYPE_CHECKING:
+    from moelens.analysis import RoutingData
 
 #: How long the app waits for a recorder's write lock before saying so (the recorder's chunks are short).
 LOCK_TIMEOUT_S = 5.0
@@ -224,26 +227,38 @@ def analysis_pair(db: str, name: str, run_a: int, run_b: int, **params: Any) -> 
     return _analysis_pair(str(db), stamp(db), name, int(run_a), int(run_b), _freeze(params))
 
 
+def _two_runs(db: str, run_a: int, run_b: int) -> tuple[RoutingData, RoutingData]:
+    """Both runs' routing for the run-vs-run views, read over one connection."""
+    from moelens.analysis import RoutingData
+
+    with batch(db) as store:
+        return RoutingData.from_store(store, int(run_a)), RoutingData.from_store(store, int(run_b))
+
+
+def _agreement_per(a: RoutingData, b: RoutingData, key: str, values: Iterable[Any]) -> pd.DataFrame:
+    """``run_agreement`` of ``a`` and ``b`` restricted to each value of their ``key`` field (``seq_id``,
+    ``pos``) in turn, ``key`` as the first column; values where the runs share no token are left out."""
+    from moelens.analysis import run_agreement
+
+    frames = []
+    for v in values:
+        part = run_agreement(a.select(getattr(a, key) == v), None, b.select(getattr(b, key) == v))
+        if len(part):
+            part.insert(0, key, int(v))
+            frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=[key, "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
+    return pd.concat(frames, ignore_index=True)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int) -> pd.DataFrame:
     """``moelens.analysis.run_agreement`` of two runs restricted to each shared sequence in turn: one row per
     (seq_id, layer), so the sequences whose routing changed most can be ranked. Analysis code does the scoring."""
     import numpy as np
 
-    from moelens.analysis import RoutingData, run_agreement
-
-    with batch(db) as store:
-        a = RoutingData.from_store(store, int(run_a))
-        b = RoutingData.from_store(store, int(run_b))
-    frames = []
-    for s in np.intersect1d(np.unique(a.seq_id), np.unique(b.seq_id)):
-        part = run_agreement(a.select(a.seq_id == s), None, b.select(b.seq_id == s))
-        if len(part):
-            part.insert(0, "seq_id", int(s))
-            frames.append(part)
-    if not frames:
-        return pd.DataFrame(columns=["seq_id", "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
-    return pd.concat(frames, ignore_index=True)
+    a, b = _two_runs(db, run_a, run_b)
+    return _agreement_per(a, b, "seq_id", np.intersect1d(np.unique(a.seq_id), np.unique(b.seq_id)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -252,21 +267,9 @@ def token_agreement_in_sequence(db: str, stamp: float, run_a: int, run_b: int, s
     token (``topk_overlap`` < 1 = its expert set changed). Used to outline changed tokens in the Compare view."""
     import numpy as np
 
-    from moelens.analysis import RoutingData, run_agreement
-
-    with batch(db) as store:
-        a = RoutingData.from_store(store, int(run_a))
-        b = RoutingData.from_store(store, int(run_b))
+    a, b = _two_runs(db, run_a, run_b)
     sa, sb = a.select(a.seq_id == seq_id), b.select(b.seq_id == seq_id)
-    frames = []
-    for p in np.intersect1d(sa.pos, sb.pos)[:max_tokens]:
-        part = run_agreement(sa.select(sa.pos == p), None, sb.select(sb.pos == p))
-        if len(part):
-            part.insert(0, "pos", int(p))
-            frames.append(part)
-    if not frames:
-        return pd.DataFrame(columns=["pos", "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
-    return pd.concat(frames, ignore_index=True)
+    return _agreement_per(sa, sb, "pos", np.intersect1d(sa.pos, sb.pos)[:max_tokens])
 
 
 #: (kind, db, stamp, run, params) of slow results computed in this process (e.g. UMAP maps), so pages can

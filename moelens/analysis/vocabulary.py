@@ -45,7 +45,10 @@ def _frequent(data: RoutingData, target: str, min_count: int) -> tuple[np.ndarra
     return rows[sel], remap[codes[sel]], ids[keep], n_x[keep]
 
 
-def _normalise(p: np.ndarray, k: int, E: int, normalize: bool) -> np.ndarray:
+def _purity(counts: np.ndarray, n_x: np.ndarray, k: int, E: int, normalize: bool) -> np.ndarray:
+    """p_x per token id: (count of x's most frequent expert) / N_x; with ``normalize``, (p_x − k/E) / (1 − k/E)
+    so uniform routing scores 0 (left as is when k ≥ E, where that rescaling divides by zero)."""
+    p = counts.max(axis=1, initial=0) / np.maximum(n_x, 1)
     return (p - k / E) / (1 - k / E) if normalize and k < E else p
 
 
@@ -70,7 +73,7 @@ def vocabulary_specialization(
     for li, layer in enumerate(data.layer_ids):
         E, k = int(data.n_experts[li]), int(data.top_k[li])
         counts = group_expert_counts(data.experts[li, rows], E, codes, len(ids))
-        p = _normalise(counts.max(axis=1, initial=0) / np.maximum(n_x, 1), k, E, normalize)
+        p = _purity(counts, n_x, k, E, normalize)
         out.append({"layer": int(layer), "score": float(p.mean()) if len(p) else np.nan, "n_token_ids": len(ids)})
     return result(
         pd.DataFrame(out, columns=["layer", "score", "n_token_ids"]), data, "vocabulary_specialization",
@@ -98,7 +101,7 @@ def vocabulary_by_expert(
         E, k = int(data.n_experts[li]), int(data.top_k[li])
         exp = data.experts[li, rows]
         counts = group_expert_counts(exp, E, codes, len(ids))
-        p = _normalise(counts.max(axis=1, initial=0) / np.maximum(n_x, 1), k, E, normalize)
+        p = _purity(counts, n_x, k, E, normalize)
         credited = _credited_expert(counts, exp, codes)
         n = np.bincount(credited, minlength=E)
         with np.errstate(invalid="ignore", divide="ignore"):

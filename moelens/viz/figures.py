@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from moelens.viz import findings as F
 from moelens.viz._frames import expert_label, layer_label, pick
+from moelens.viz.findings import _n_experts  # one count of E, so a chart and its finding agree
 from moelens.viz.palette import (
     DIVERGING_SCALE,
     SEQUENTIAL_SCALE,
@@ -102,14 +103,6 @@ def _filter_label(df: pd.DataFrame, label: str | None) -> pd.DataFrame:
     if len(labels) > 1:
         raise ValueError(f"this frame has one row per label ({list(labels)[:5]}...); pass label=<one of them>")
     return df
-
-
-def _n_experts(df: pd.DataFrame, expert_col: str, n_experts: int | None) -> int:
-    if n_experts:
-        return int(n_experts)
-    if "n_experts" in df.columns and df["n_experts"].notna().any():
-        return int(df["n_experts"].max())
-    return int(df[expert_col].max()) + 1 if len(df) else 0
 
 
 # -- load and balance -----------------------------------------------------------------------------------

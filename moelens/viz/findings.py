@@ -15,6 +15,8 @@ from moelens.viz._frames import expert_label, layer_label, num, pct, pick
 
 
 def _n_experts(df: pd.DataFrame, expert_col: str, n_experts: int | None) -> int:
+    """E for a frame: the caller's, else the frame's ``n_experts`` column, else the largest expert id + 1.
+    The figure builders use this too, so a chart's grid and its finding's even share 1/E use the same E."""
     if n_experts:
         return int(n_experts)
     if "n_experts" in df.columns and df["n_experts"].notna().any():
