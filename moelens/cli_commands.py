@@ -99,6 +99,16 @@ def demo_train(
 
 def demo_corpus(out: Path = typer.Option(Path("demo-corpus"), "--out", help="Folder for the rebuilt corpus.")) -> None:
     """Rebuild the demo corpus from this machine's offline sources and compare it with the shipped manifest."""
+    from moelens.cli import console
+    from moelens.demo import DATA_DIR
     from moelens.demo.corpus import build_corpus
 
-    build_corpus(out)
+    built = build_corpus(out)
+    shipped = json.loads((DATA_DIR / "MANIFEST.json").read_text(encoding="utf-8"))
+    for name, info in built["files"].items():
+        same = info["sha256"] == shipped["files"].get(name, {}).get("sha256")
+        verdict = "[green]identical to the shipped file[/]" if same else "[yellow]differs from the shipped file[/]"
+        console.print(f"{out / name}: {info['docs']} documents, {info['bytes']:,} bytes, {verdict}")
+    for domain, entry in built["domains"].items():
+        if entry != shipped["domains"].get(domain):
+            console.print(f"[yellow]{domain}[/]: this machine's sources differ from the shipped build (see MANIFEST.json)")
