@@ -149,3 +149,13 @@ def test_cli_steer(tmp_path) -> None:
     ]:
         result = CliRunner().invoke(cli(), ["steer", "tiny:mixtral", *bad, "--db", str(tmp_path / "c.duckdb")])
         assert isinstance(result.exception, error) and message in str(result.exception), (bad, result.exception)
+
+
+def test_spec_from_scores_knows_each_analysis_ranking_column() -> None:
+    import pandas as pd
+
+    from moelens.steering import spec_from_scores
+
+    df = pd.DataFrame({"layer": [0, 1, 1], "expert": [2, 3, 4], "npmi": [0.1, 0.9, 0.5], "n_x": [9, 1, 5]})
+    df.attrs["params"] = {"score": "npmi"}
+    assert spec_from_scores(df, n=2).disable == ((1, 3), (1, 4))

@@ -32,6 +32,16 @@ def expert_layout(model_or_info: Any) -> dict[int, int]:
     return {site.layer: site.n_experts for site in sites}
 
 
+#: The column that ranks experts in each analysis result, so ``spec_from_scores(npmi(...))`` needs no score_col.
+_SCORE_COLUMNS = {
+    "npmi": "npmi",
+    "npmi_combined": "score",
+    "risk_difference": "risk_diff",
+    "domain_specialization": "spec",
+    "expert_load": "share",
+}
+
+
 def spec_from_scores(
     df: Any,
     n: int = 4,
@@ -46,11 +56,14 @@ def spec_from_scores(
 ) -> SteeringSpec:
     """A spec acting on the ``n`` best-scoring (layer, expert) rows of an analysis result.
 
-    ``df`` has ``layer``, ``expert`` and the score column (``score_col``; default the column named ``score``).
+    ``df`` has ``layer``, ``expert`` and the score column (``score_col``; default: the ranking column of the
+    analysis that made ``df`` (e.g. ``npmi`` for `npmi`), else the column named ``score``).
     ``label`` keeps only rows of that label (e.g. the domain of ``domain_specialization`` or ``npmi``);
     ``per_layer`` takes ``n`` per layer instead of ``n`` overall; ``largest=False`` takes the lowest scores.
     NaN scores are skipped; ties are broken by (layer, expert) so the choice is reproducible.
     """
+    if score_col is None:
+        score_col = _SCORE_COLUMNS.get(getattr(df, "attrs", {}).get("params", {}).get("score"))
     if score_col is None:
         if "score" not in df.columns:
             numeric = [c for c in df.columns if df[c].dtype.kind in "fiu" and c not in ("layer", "expert")]
