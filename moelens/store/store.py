@@ -326,7 +326,7 @@ class TraceStore:
     def arrow(self, sql: str, params: list[Any] | None = None) -> pa.Table:
         """Run a read query and return an Arrow table (zero-copy into numpy for numeric columns)."""
         with self.connect() as con:
-            return con.execute(sql, params or []).to_arrow_table()
+            return con.sql(sql, params=params or None).to_arrow_table()
 
 
 def _sql_path(path: Path) -> str:
