@@ -114,12 +114,8 @@ def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture,
              writer: RunWriter) -> None:
     """One padded forward over a batch of sequences (right padding keeps real positions unchanged)."""
     seq_start = writer.n_sequences
-    width = max(len(c.ids) for c in batch)
-    ids = torch.full((len(batch), width), pad_id(tokenizer, model), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, chunk in enumerate(batch):
-        ids[i, : len(chunk.ids)] = torch.tensor(chunk.ids)
-        mask[i, : len(chunk.ids)] = 1
+    ids, mask = right_padded(batch, pad_id(tokenizer, model))
+    width = ids.shape[1]
     device = _device(model)
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
     if info.is_encoder_decoder:  # both stacks route the same tokens at the same positions
@@ -289,6 +285,16 @@ def _incremental_texts(tokenizer: Any, ids: list[int]) -> list[str | None]:
         texts.append(current[common:])
         previous = current
     return texts
+
+
+def right_padded(batch: list[Chunk], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, S], attention_mask [B, S])`` on the CPU; right padding keeps every real token's position."""
+    ids = torch.full((len(batch), max(len(c.ids) for c in batch)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, chunk in enumerate(batch):
+        ids[i, : len(chunk.ids)] = torch.tensor(chunk.ids)
+        mask[i, : len(chunk.ids)] = 1
+    return ids, mask
 
 
 def pad_id(tokenizer: Any, model: Any) -> int:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from moelens.adapters import MoEInfo, RoutingCapture, find_routers
 from moelens.errors import InputError, SteeringError
 from moelens.recording.inputs import documents
-from moelens.recording.record import pad_id, record
+from moelens.recording.record import pad_id, record, right_padded
 from moelens.recording.tokenize import Chunk, chunk_documents
 from moelens.steering.calibrate import calibrate_logit_std
 from moelens.steering.context import steer
@@ -152,11 +152,7 @@ def _batches(chunks: list[Chunk], batch_size: int, pad_id: int, device: torch.de
     """``(first seq_id, chunks, ids [B, S], mask [B, S])`` of right-padded batches (real positions unchanged)."""
     for start in range(0, len(chunks), batch_size):
         batch = chunks[start:start + batch_size]
-        ids = torch.full((len(batch), max(len(c.ids) for c in batch)), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, c in enumerate(batch):
-            ids[i, : len(c.ids)] = torch.tensor(c.ids)
-            mask[i, : len(c.ids)] = 1
+        ids, mask = right_padded(batch, pad_id)
         yield start, batch, ids.to(device), mask.to(device)
 
 
