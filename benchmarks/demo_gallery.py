@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per run when recording (default: all)")
     args = ap.parse_args()
 
-    runs = run_demo(args.db, open_app=False, max_tokens=args.max_tokens, progress=False)
+    runs = run_demo(args.db, max_tokens=args.max_tokens, progress=False)
     store = TraceStore(args.db, read_only=True)
     run, early = runs[RUN_HELDOUT], runs[RUN_EARLY]
     start = time.perf_counter()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from moelens import TraceStore
 from moelens.errors import InputError, SteeringError
 from moelens.steering import SteeringSpec, random_like, random_spec, run_experiment, spec_from_scores
-from moelens.steering.cli import steer as steer_command
+from moelens.cli.steer import steer as steer_command
 from moelens.tiny import tiny_model, tiny_tokenizer
 
 LAYOUT = {0: 8, 1: 8, 3: 16}

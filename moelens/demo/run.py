@@ -1,4 +1,4 @@
-"""`moelens demo`: record the bundled model over its held-out corpus and open the workbench.
+"""The demo recording: the bundled model over its held-out corpus, and the summary `moelens demo --no-app` prints.
 
 Three runs land in the store, each named so a second `moelens demo` reuses them instead of recording again:
 the early checkpoint over the held-out corpus (a real pair for run-vs-run agreement and router saturation),
@@ -8,9 +8,10 @@ a few greedy generations from one prompt per domain, and the trained model over 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from rich.console import Console
+import pandas as pd
 
 from moelens.store import TraceStore
 
@@ -27,12 +28,12 @@ PROMPTS = {
     "multilingual": "Veuillez saisir un nom d'utilisateur",
 }
 
-console = Console()
+log = logging.getLogger(__name__)
 
 
-def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = None, again: bool = False,
-             seq_len: int = 256, progress: bool = True) -> dict[str, int]:
-    """Record the demo runs (unless present) and open the app or print a summary; returns {run name: id}."""
+def run_demo(db: str | Path, *, max_tokens: int | None = None, again: bool = False, seq_len: int = 256,
+             progress: bool = True) -> dict[str, int]:
+    """Record the demo runs (unless present, or ``again``) and return ``{run name: run id}``; steps are logged."""
     import torch
 
     from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
@@ -50,27 +51,21 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     if RUN_EARLY in have:
         runs[RUN_EARLY] = int(have[RUN_EARLY])
     else:
-        console.print(f"recording the early checkpoint over {len(docs)} held-out documents ...")
+        log.info("recording the early checkpoint over %d held-out documents ...", len(docs))
         early, early_tok = load_model(DEMO_EARLY_DIR, dtype="float32")
         runs[RUN_EARLY] = record(early, early_tok, docs, name=RUN_EARLY, model_name="moelens-demo (early checkpoint)",
                                  **common)
     if RUN_GENERATIONS in have:
         runs[RUN_GENERATIONS] = int(have[RUN_GENERATIONS])
     else:
-        console.print("recording greedy generations ...")
+        log.info("recording greedy generations ...")
         runs[RUN_GENERATIONS] = record(model, tok, list(PROMPTS.values()), labels=list(PROMPTS), generate=32,
                                        name=RUN_GENERATIONS, model_name="moelens-demo", store=store, progress=progress)
     if RUN_HELDOUT in have:
         runs[RUN_HELDOUT] = int(have[RUN_HELDOUT])
     else:
-        console.print(f"recording the demo model over {len(docs)} held-out documents ...")
+        log.info("recording the demo model over %d held-out documents ...", len(docs))
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
-    if open_app:
-        from moelens.app_launcher import launch
-
-        launch(Path(db))
-    else:
-        _summary(store, runs)
     return runs
 
 
@@ -88,15 +83,16 @@ def _interleaved(corpus: list[dict], head_chars: int | None = None) -> list[dict
     return [doc for _, _, doc in sorted(keyed, key=lambda item: item[:2])]
 
 
-def _summary(store: TraceStore, runs: dict[str, int]) -> None:
+def demo_summary(store: TraceStore, runs: dict[str, int]) -> dict[str, pd.DataFrame]:
+    """``{title: table}``: the runs, the routing structure per layer and the early-vs-final agreement."""
     from moelens.analysis import domain_summary, run_agreement
-    from moelens.cli import emit
 
-    emit(store.runs()[["run_id", "name", "status", "n_sequences", "n_tokens"]], "table", title=str(store.path))
     summary = domain_summary(store, runs[RUN_HELDOUT])
-    emit(summary[["layer", "mi_ratio", "js_bits", "purity", "max_spec", "dead_experts", "same_top1", "sum_sq_top1"]],
-         "table", title="routing structure per layer (held-out corpus; MI as a share of domain entropy)")
     agreement = run_agreement(store, runs[RUN_EARLY], runs[RUN_HELDOUT])
-    emit(agreement[["layer", "n_tokens", "top1_agreement", "topk_overlap", "baseline"]], "table",
-         title="early checkpoint vs final: router saturation")
-    console.print(f"Open the workbench with: moelens app --db {store.path}")
+    return {
+        str(store.path): store.runs()[["run_id", "name", "status", "n_sequences", "n_tokens"]],
+        "routing structure per layer (held-out corpus; MI as a share of domain entropy)":
+            summary[["layer", "mi_ratio", "js_bits", "purity", "max_spec", "dead_experts", "same_top1", "sum_sq_top1"]],
+        "early checkpoint vs final: router saturation":
+            agreement[["layer", "n_tokens", "top1_agreement", "topk_overlap", "baseline"]],
+    }

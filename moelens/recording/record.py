@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from moelens.adapters import MoEInfo, RoutingCapture, find_routers
+from moelens.adapters import MoEInfo, RoutingCapture, find_routers, unwrap
 from moelens.errors import InputError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
@@ -57,10 +57,7 @@ def record(
     never stored. ``generate=N`` (or a dict of ``generate`` keyword arguments) records each input as a
     prompt followed by its greedy continuation: prompt tokens once, then each new token once.
     """
-    if type(model).__module__.startswith("nnsight"):  # record the torch module an nnsight wrapper runs
-        from moelens.steering.nnsight_backend import unwrap
-
-        model = unwrap(model)
+    model = unwrap(model)  # record the torch module an nnsight wrapper runs
     store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     info = find_routers(model)
     docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),

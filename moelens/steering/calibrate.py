@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from moelens.adapters import RoutingCapture, find_routers
-from moelens.steering.nnsight_backend import unwrap
+from moelens.adapters import RoutingCapture, find_routers, unwrap
 
 
 def calibrate_logit_std(model: Any, input_ids: torch.Tensor | Iterable[torch.Tensor]) -> dict[int, float]:

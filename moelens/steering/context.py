@@ -26,11 +26,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from moelens.adapters import MoEInfo, RouterSite, find_routers
+from moelens.adapters import MoEInfo, RouterSite, find_routers, unwrap
 from moelens.adapters.families import DBRX, JETMOE, LLAMA4, SWITCH
 from moelens.steering.calibrate import calibrate_logit_std
 from moelens.steering.edits import SiteEdit, check_combined, combine, compile_spec
-from moelens.steering.nnsight_backend import unwrap
 from moelens.steering.spec import SteeringSpec
 
 

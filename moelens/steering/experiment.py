@@ -18,14 +18,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from moelens.adapters import MoEInfo, RoutingCapture, find_routers
+from moelens.adapters import MoEInfo, RoutingCapture, find_routers, unwrap
 from moelens.errors import InputError, SteeringError
 from moelens.recording.inputs import documents
 from moelens.recording.record import pad_id, record, right_padded
 from moelens.recording.tokenize import Chunk, chunk_documents
 from moelens.steering.calibrate import calibrate_logit_std
 from moelens.steering.context import steer
-from moelens.steering.nnsight_backend import unwrap
 from moelens.steering.select import random_like
 from moelens.steering.spec import SteeringSpec
 

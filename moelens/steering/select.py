@@ -25,8 +25,7 @@ def expert_layout(model_or_info: Any) -> dict[int, int]:
         return {int(layer): int(n) for layer, n in model_or_info.items()}
     sites = getattr(model_or_info, "sites", None)
     if sites is None:
-        from moelens.adapters import find_routers
-        from moelens.steering.nnsight_backend import unwrap
+        from moelens.adapters import find_routers, unwrap
 
         sites = find_routers(unwrap(model_or_info)).sites
     return {site.layer: site.n_experts for site in sites}

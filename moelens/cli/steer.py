@@ -1,4 +1,4 @@
-"""`moelens steer`: run a steering experiment from the command line (registered on the main app by `moelens.cli`).
+"""`moelens steer`: run a steering experiment from the command line.
 
     moelens steer demo --disable 1:3 --disable 2:7 --data corpus/ --n-random 5
     moelens steer tiny:mixtral --spec spec.json --prompts prompts.txt --generate 20
@@ -17,11 +17,12 @@ from typing import Optional
 
 import typer
 
+from moelens.cli.common import app, check_format, console, db_option, emit, format_option, resolve_model
 from moelens.errors import InputError, SteeringError
 from moelens.steering.spec import SteeringSpec, parse_pair, parse_pair_value
-from moelens.store import DEFAULT_DB
 
 
+@app.command()
 def steer(
     model: str = typer.Argument(..., help="Model folder or hub id; 'demo' for the bundled model; 'tiny:mixtral' etc."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="Steering spec JSON file."),
@@ -40,20 +41,18 @@ def steer(
     seed: int = typer.Option(0, "--seed", help="Seed of the first random control."),
     seq_len: int = typer.Option(256, "--seq-len", help="Cut inputs into sequences of at most this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    db: Path = typer.Option(DEFAULT_DB, "--db", help="Trace store the runs are recorded in."),
+    db: Path = db_option("Trace store the runs are recorded in."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    fmt: str = format_option(),
 ) -> None:
     """Steer MODEL's routing and compare it with the unmodified model and random-expert controls."""
     steering = _spec(spec, disable, force, boost, gate_scale, mode, boost_unit)
     if steering.is_empty:
         raise SteeringError("nothing to steer: pass --spec FILE or --disable/--force/--boost/--gate-scale L:E")
     inputs = _inputs(prompts, data, text, label_field)
-    if fmt not in ("table", "csv", "json"):
-        raise InputError(f"--format must be table, csv or json, not {fmt!r}")
+    check_format(fmt)
 
-    from moelens.cli import console, emit, resolve_model
     from moelens.steering.experiment import run_experiment
     from moelens.store import TraceStore
 

@@ -1,0 +1,53 @@
+"""`moelens record`: record a model's routing over files, folders, datasets or texts into the trace store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moelens.cli.common import app, console, db_option, resolve_model
+from moelens.errors import InputError
+
+
+@app.command()
+def record(
+    model: str = typer.Argument(..., help="Model folder or hub id; 'demo' for the bundled model; 'tiny:mixtral' etc. for a random tiny one."),
+    data: list[str] = typer.Argument(None, help="Text/JSONL/CSV/Parquet files, folders (labelled by sub-folder), or hf:DATASET[:SPLIT]."),
+    text: list[str] = typer.Option(None, "--text", "-t", help="A text to record (repeatable)."),
+    db: Path = db_option(),
+    label: Optional[str] = typer.Option(None, "--label", help="Label for every input sequence."),
+    label_field: Optional[str] = typer.Option(None, "--label-field", help="JSONL/CSV/Parquet field holding the label."),
+    text_field: str = typer.Option("text", "--text-field", help="JSONL/CSV/Parquet field holding the text."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
+    max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Stop after this many sequences."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    seq_len: int = typer.Option(512, "--seq-len", help="Cut documents into sequences of at most this many tokens."),
+    generate: Optional[int] = typer.Option(None, "--generate", help="Treat inputs as prompts and record N greedy new tokens each."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    logits: bool = typer.Option(False, "--logits", help="Also store full router logits (large)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the model (only for models you trust)."),
+    name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
+) -> None:
+    """Record the routing of MODEL over DATA into the trace store."""
+    import itertools
+
+    from moelens.recording import read_paths
+    from moelens.recording.inputs import check_paths, documents
+    from moelens.recording.record import record as record_run
+    from moelens.store import TraceStore
+
+    if not data and not text:
+        raise InputError("nothing to record: pass data files/folders or --text 'some text'")
+    if data:
+        check_paths(data)
+    store = TraceStore(db)
+    lm, tokenizer, model_name = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    inputs = itertools.chain(documents(text, label) if text else [],
+                             read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
+    run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
+                        max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name)
+    info = store.runs().set_index("run_id").loc[run_id]
+    console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
