@@ -16,7 +16,13 @@ __all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "record", "s
 
 
 def load(name_or_path: str, **kwargs: Any):
-    """Load a transformers MoE model and its tokenizer (``trust_remote_code`` stays off unless asked)."""
+    """Load a transformers MoE model and its tokenizer: ``load(name_or_path, dtype=..., device_map=..., **kwargs)``.
+
+    ``dtype`` takes a ``torch.dtype`` or ``"auto"``/``"bf16"``/``"fp16"``/``"fp32"`` (and the long names),
+    ``device_map`` what transformers takes; other keyword arguments (``revision``, ``attn_implementation``, ...)
+    go to ``from_pretrained``. Weights come only from safetensors, ``trust_remote_code`` stays off unless asked,
+    and a checkpoint whose router weights are missing is refused unless ``allow_missing_router_weights=True``.
+    """
     from moelens.recording.loading import load_model
 
     return load_model(name_or_path, **kwargs)

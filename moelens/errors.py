@@ -5,6 +5,8 @@ The CLI prints these without a traceback and exits non-zero; anything else is a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MoelensError(Exception):
     """Base class: a user-facing problem with a clear message."""
@@ -44,3 +46,11 @@ class InputError(MoelensError):
 
 class SteeringError(MoelensError):
     """An intervention that cannot be applied to this model."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the closest of ``choices`` to a mistyped ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from moelens.errors import InputError
+from moelens.errors import InputError, did_you_mean
 from moelens.store import DEFAULT_DB
 
 app = typer.Typer(
@@ -66,18 +67,60 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def resolve_model(spec: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
-    """``demo`` (the bundled model), ``demo:early`` (its early checkpoint), ``tiny:TYPE`` (a random tiny model), or a folder/hub id."""
+def device_option() -> Optional[str]:
+    return typer.Option(None, "--device", help="Device to move the model to (default cpu), e.g. cuda:0.")
+
+
+def device_map_option() -> Optional[str]:
+    return typer.Option(None, "--device-map", help="Place the model while it loads: auto | cpu | cuda:0 | JSON like '{\"\": 0}' (auto and JSON need accelerate).")
+
+
+def dtype_option() -> str:
+    return typer.Option("auto", "--dtype", help="auto | float32 (fp32) | bfloat16 (bf16) | float16 (fp16)")
+
+
+def revision_option() -> Optional[str]:
+    return typer.Option(None, "--revision", help="Hub branch, tag or commit of the model.")
+
+
+def trust_remote_code_option() -> bool:
+    return typer.Option(False, "--trust-remote-code", help="Run code shipped with the model (only for models you trust).")
+
+
+def allow_random_router_option() -> bool:
+    return typer.Option(False, "--allow-random-router", help="Load a checkpoint even if its router weights are missing (randomly initialised).")
+
+
+def resolve_model(spec: str, *, device: str | None = None, device_map: str | None = None, dtype: str = "auto",
+                  revision: str | None = None, trust_remote_code: bool = False, allow_random_router: bool = False):
+    """``(model, tokenizer, name)`` for ``demo`` (the bundled model), ``demo:early`` (its early checkpoint),
+    ``tiny:TYPE`` (a random tiny model) or a folder/hub id (see `moelens.load`)."""
     if spec in ("demo", "demo:early"):
         from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
 
         spec = str(DEMO_EARLY_DIR if spec == "demo:early" else DEMO_MODEL_DIR)
     if spec.startswith("tiny:"):
-        from moelens.tiny import tiny_model, tiny_tokenizer
+        return (*_tiny(spec[5:], device=device, dtype=dtype), spec)
+    from moelens.recording.loading import load_model, parse_device_map
 
-        model, _ = tiny_model(spec[5:])
-        return model.to(device), tiny_tokenizer(model.config.vocab_size), spec
-    from moelens.recording.loading import load_model
-
-    model, tokenizer = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(spec, device=device, device_map=parse_device_map(device_map), dtype=dtype,
+                                  revision=revision, trust_remote_code=trust_remote_code,
+                                  allow_missing_router_weights=allow_random_router)
     return model, tokenizer, spec
+
+
+def _tiny(model_type: str, *, device: str | None, dtype: str):
+    """A random tiny model of ``model_type`` and its tokenizer; an unknown type gets the closest MoE type."""
+    from transformers import CONFIG_MAPPING
+
+    from moelens.adapters import SUPPORTED_MODEL_TYPES
+    from moelens.recording.loading import resolve_dtype
+    from moelens.tiny import tiny_model, tiny_tokenizer
+
+    if model_type not in CONFIG_MAPPING:
+        raise InputError(f"tiny:{model_type}: unknown model type{did_you_mean(model_type, SUPPORTED_MODEL_TYPES)}; "
+                         f"MoE types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    torch_dtype = resolve_dtype(dtype)
+    model, _ = tiny_model(model_type)
+    model = model.to(device or "cpu", **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
+    return model, tiny_tokenizer(model.config.vocab_size)

@@ -7,7 +7,18 @@ from typing import Optional
 
 import typer
 
-from moelens.cli.common import app, console, db_option, resolve_model
+from moelens.cli.common import (
+    allow_random_router_option,
+    app,
+    console,
+    db_option,
+    device_map_option,
+    device_option,
+    dtype_option,
+    resolve_model,
+    revision_option,
+    trust_remote_code_option,
+)
 from moelens.errors import InputError
 
 
@@ -25,18 +36,19 @@ def record(
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     seq_len: int = typer.Option(512, "--seq-len", help="Cut documents into sequences of at most this many tokens."),
     generate: Optional[int] = typer.Option(None, "--generate", help="Treat inputs as prompts and record N greedy new tokens each."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: Optional[str] = device_option(),
+    device_map: Optional[str] = device_map_option(),
+    dtype: str = dtype_option(),
+    revision: Optional[str] = revision_option(),
     logits: bool = typer.Option(False, "--logits", help="Also store full router logits (large)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the model (only for models you trust)."),
+    trust_remote_code: bool = trust_remote_code_option(),
+    allow_random_router: bool = allow_random_router_option(),
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
 ) -> None:
     """Record the routing of MODEL over DATA into the trace store."""
     import itertools
 
-    from moelens.recording import read_paths
-    from moelens.recording.inputs import check_paths, documents
-    from moelens.recording.record import record as record_run
+    from moelens.recording.inputs import check_paths, documents, read_paths
     from moelens.store import TraceStore
 
     if not data and not text:
@@ -44,7 +56,10 @@ def record(
     if data:
         check_paths(data)
     store = TraceStore(db)
-    lm, tokenizer, model_name = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm, tokenizer, model_name = resolve_model(model, device=device, device_map=device_map, dtype=dtype, revision=revision,
+                                              trust_remote_code=trust_remote_code, allow_random_router=allow_random_router)
+    from moelens.recording.record import record as record_run  # torch: after a bad model name has failed fast
+
     inputs = itertools.chain(documents(text, label) if text else [],
                              read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,

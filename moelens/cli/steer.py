@@ -17,7 +17,21 @@ from typing import Optional
 
 import typer
 
-from moelens.cli.common import app, check_format, console, db_option, emit, format_option, resolve_model
+from moelens.cli.common import (
+    allow_random_router_option,
+    app,
+    check_format,
+    console,
+    db_option,
+    device_map_option,
+    device_option,
+    dtype_option,
+    emit,
+    format_option,
+    resolve_model,
+    revision_option,
+    trust_remote_code_option,
+)
 from moelens.errors import InputError, SteeringError
 from moelens.steering.spec import SteeringSpec, parse_pair, parse_pair_value
 
@@ -42,8 +56,12 @@ def steer(
     seq_len: int = typer.Option(256, "--seq-len", help="Cut inputs into sequences of at most this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     db: Path = db_option("Trace store the runs are recorded in."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: Optional[str] = device_option(),
+    device_map: Optional[str] = device_map_option(),
+    dtype: str = dtype_option(),
+    revision: Optional[str] = revision_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
+    allow_random_router: bool = allow_random_router_option(),
     fmt: str = format_option(),
 ) -> None:
     """Steer MODEL's routing and compare it with the unmodified model and random-expert controls."""
@@ -57,7 +75,8 @@ def steer(
     from moelens.store import TraceStore
 
     store = TraceStore(db)
-    lm, tokenizer, _ = resolve_model(model, device=device, dtype=dtype)
+    lm, tokenizer, _ = resolve_model(model, device=device, device_map=device_map, dtype=dtype, revision=revision,
+                                     trust_remote_code=trust_remote_code, allow_random_router=allow_random_router)
     result = run_experiment(lm, tokenizer, steering, inputs, store=store, n_random=n_random, seed=seed,
                             generate=generate or None, batch_size=batch_size, seq_len=seq_len, progress=fmt == "table")
     routing = (result.routing.groupby(["variant", "layer"], sort=False)
