@@ -25,7 +25,14 @@ from moelens.analysis.srp import LEVELS as SRP_LEVELS
 from moelens.analysis.srp import srp
 from moelens.analysis.transitions import cross_layer_consistency, cross_layer_transitions
 from moelens.analysis.vocabulary import TARGETS, expert_top_tokens, vocabulary_by_expert, vocabulary_specialization
-from moelens.errors import InputError
+from moelens.errors import InputError, did_you_mean
+
+
+#: What each parameter kind takes on the command line, for help and error messages.
+KIND_HELP = {
+    "int": "an integer", "float": "a number", "str": "a text", "bool": "true or false",
+    "ints": "integers separated by commas, e.g. 4,16", "json": "a JSON value",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class ParamSpec:
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    required: bool = False
 
     def parse(self, text: str) -> Any:
         """The typed value of a command-line string."""
@@ -49,14 +57,15 @@ class ParamSpec:
                 if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(text)
                 return text.lower() in ("1", "true", "yes")
-            if self.kind == "ints":
-                return tuple(int(v) for v in text.split(",") if v.strip())
+            if self.kind == "ints":  # 4,16 or the JSON list [4, 16]
+                return tuple(int(v) for v in text.strip("[]() ").split(",") if v.strip())
             if self.kind == "json":
                 return json.loads(text)
         except ValueError as exc:
-            raise InputError(f"--{self.name.replace('_', '-')}: cannot read {text!r} as {self.kind}") from exc
+            raise InputError(f"{self.name}={text}: expected {KIND_HELP[self.kind]}") from exc
         if self.choices and text not in self.choices:
-            raise InputError(f"--{self.name.replace('_', '-')} must be one of {list(self.choices)}, not {text!r}")
+            raise InputError(f"{self.name}={text}: must be one of {', '.join(self.choices)}"
+                             f"{did_you_mean(text, self.choices)}")
         return text
 
 
@@ -73,11 +82,21 @@ class ScoreSpec:
 
     def parse(self, values: Mapping[str, str]) -> dict[str, Any]:
         """Typed keyword arguments from ``{param: command-line string}``."""
+        self.check_names(values)
         known = {p.name: p for p in self.params}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise InputError(f"{self.name} has no parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
         return {k: known[k].parse(v) for k, v in values.items()}
+
+    def check_names(self, values: Mapping[str, Any]) -> None:
+        """Refuse a parameter this score does not take, naming the closest one it does."""
+        known = [p.name for p in self.params]
+        for name in values:
+            if name not in known:
+                raise InputError(f"{self.name} has no parameter {name!r}{did_you_mean(name, known)}; "
+                                 f"it takes {', '.join(known) or 'none'}")
+
+    def missing(self, values: Mapping[str, Any]) -> list[ParamSpec]:
+        """The required parameters that ``values`` leaves out."""
+        return [p for p in self.params if p.required and values.get(p.name) is None]
 
 
 _PHASE = ParamSpec("phase", "str", None, "only 'prompt' or 'generated' tokens (default: both pooled)", ("prompt", "generated"))
@@ -118,7 +137,7 @@ _ENTRIES = (
               "OLMoE, arXiv 2409.02060 §5", (_PHASE, _TARGET, _MIN_COUNT, _NORMALIZE)),
     ScoreSpec("expert_top_tokens", expert_top_tokens, "An expert's most frequent tokens with example contexts.",
               "[moelens]",
-              (ParamSpec("layer", "int", None, "layer id (required)"), ParamSpec("expert", "int", None, "expert id (required)"),
+              (ParamSpec("layer", "int", None, "layer id", required=True), ParamSpec("expert", "int", None, "expert id", required=True),
                ParamSpec("n", "int", 20, "number of tokens"), ParamSpec("n_contexts", "int", 3, "contexts per token"),
                _TARGET, _PHASE), needs="layer and expert"),
     ScoreSpec("coactivation", coactivation, "P(j | i), Jaccard and nPMI of expert pairs within a layer.",
@@ -140,7 +159,7 @@ _ENTRIES = (
                ParamSpec("lru", "bool", True, "include the LRU baseline"),
                ParamSpec("sample_every", "int", None, "use every n-th sequence (default: all within the time budget)"))),
     ScoreSpec("run_agreement", run_agreement, "Top-1 agreement and top-k overlap with a second run (router saturation).",
-              "OLMoE, arXiv 2409.02060 §5 (router saturation)", (ParamSpec("run_b", "int", None, "the run to compare with (required)"), _PHASE),
+              "OLMoE, arXiv 2409.02060 §5 (router saturation)", (ParamSpec("run_b", "int", None, "the run to compare with", required=True), _PHASE),
               needs="a second, token-aligned run"),
     ScoreSpec("standing_committee", standing_committee, "CommitteeAudit: experts every domain ranks high.",
               "CommitteeAudit, arXiv 2601.03425", (*_COMMITTEE, _PHASE), needs="labels"),
@@ -160,7 +179,7 @@ _ENTRIES = (
     ScoreSpec("expert_map", expert_map, "UMAP of (layer, expert) label or token profiles.", "[moelens]",
               (ParamSpec("profile", "str", "label", "what places an expert", PROFILES), ParamSpec("seed", "int", 0, "UMAP seed"), _PHASE)),
     ScoreSpec("token_map", token_map, "UMAP of router-logit vectors of sampled tokens at one layer.", "[moelens]",
-              (ParamSpec("layer", "int", None, "layer id (required)"), ParamSpec("max_tokens", "int", 5000, "tokens sampled"),
+              (ParamSpec("layer", "int", None, "layer id", required=True), ParamSpec("max_tokens", "int", 5000, "tokens sampled"),
                ParamSpec("seed", "int", 0, "sampling and UMAP seed"), _PHASE), needs="router logits"),
 )  # fmt: skip
 
@@ -170,11 +189,33 @@ SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in _ENTRIES}
 
 def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataFrame:
     """Run a registered score on a store's run (or on a `RoutingData` with ``run=None``). ``run_b`` of
-    `run_agreement` is the second run of the same store."""
+    `run_agreement` is the second run of the same store.
+
+    Checked first, each with one message that says what to do: the score and parameter names, required
+    parameters, and labels for scores that compare labels (which would otherwise return an empty table)."""
     if name not in SCORES:
-        raise InputError(f"unknown score {name!r}; scores are: {', '.join(SCORES)}")
+        raise InputError(f"unknown score {name!r}{did_you_mean(name, SCORES)}; scores are: {', '.join(SCORES)}")
+    spec = SCORES[name]
+    spec.check_names(params)
+    if missing := spec.missing(params):
+        raise InputError(f"{name} needs {', '.join(f'{p.name} ({p.help})' for p in missing)}")
+    if spec.needs == "labels" and not _has_labels(store, run):
+        raise InputError(f"{name} compares sequence labels, and {'run ' + str(run) if run is not None else 'the data'} "
+                         "has none: record with --label/--label-field (or labels=...), or pick a labelled run")
     if name == "run_agreement":
-        if params.get("run_b") is None:
-            raise InputError("run_agreement needs run_b (the run to compare with)")
-        return run_agreement(store, run, store, params.pop("run_b"), **params)
-    return SCORES[name].function(store, run, **params)
+        run_b = params.pop("run_b")
+        df = run_agreement(store, run, store, run_b, **params)
+        if df.empty or not (df["n_tokens"] > 0).any():
+            raise InputError(f"runs {run} and {run_b} share no tokens (same sequence, position and token id) in a "
+                             "common layer: compare runs recorded over the same inputs with the same tokenizer")
+        return df
+    return spec.function(store, run, **params)
+
+
+def _has_labels(source: Any, run: int | None) -> bool:
+    """Whether any sequence of the run (or of a `RoutingData`) has a label."""
+    if run is None:
+        label = getattr(source, "label", None)
+        return label is None or bool((label >= 0).any())
+    found = source.query("SELECT count(*) AS n FROM sequences WHERE run_id = ? AND label IS NOT NULL", [int(run)])
+    return int(found["n"].iloc[0]) > 0

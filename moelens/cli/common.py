@@ -118,7 +118,8 @@ def _tiny(model_type: str, *, device: str | None, dtype: str):
     from moelens.tiny import tiny_model, tiny_tokenizer
 
     if model_type not in CONFIG_MAPPING:
-        raise InputError(f"tiny:{model_type}: unknown model type{did_you_mean(model_type, SUPPORTED_MODEL_TYPES)}; "
+        choices = [f"tiny:{name}" for name in SUPPORTED_MODEL_TYPES]
+        raise InputError(f"tiny:{model_type}: unknown model type{did_you_mean(f'tiny:{model_type}', choices)}; "
                          f"MoE types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     torch_dtype = resolve_dtype(dtype)
     model, _ = tiny_model(model_type)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from moelens.cli.common import app, console, db_option, emit, err_console, format_option
+from moelens.errors import InputError
 
 
 @app.command()
@@ -48,6 +49,8 @@ def export(run: int = typer.Argument(...), parquet: Path = typer.Option(..., "--
     """Export one run's tables as Parquet files (one per table)."""
     from moelens.store import TraceStore
 
+    if parquet.exists() and not parquet.is_dir():
+        raise InputError(f"--parquet {parquet} is a file; give a folder to write the Parquet files into")
     paths = TraceStore(db, read_only=True).export_parquet(run, parquet)
     console.print(f"wrote {len(paths)} files to {parquet}")
 
