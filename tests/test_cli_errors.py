@@ -118,3 +118,8 @@ def test_score_help_lists_every_parameter(score) -> None:
 def test_analyze_help_still_describes_the_command() -> None:
     assert "--param" in moelens("analyze", "--help").stdout
     assert "SCORE --help" in moelens("analyze", "--list").stdout
+
+
+def test_scores_on_data_the_run_lacks(store) -> None:
+    fails("analyze", "shared_expert_stats", "--run", "1", "--db", store, expect="has no shared-expert gates")
+    fails("analyze", "expert_load", "--run", "1", "-p", "phase=generated", "--db", store, expect="no generated tokens")

@@ -199,9 +199,7 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
     spec.check_names(params)
     if missing := spec.missing(params):
         raise InputError(f"{name} needs {', '.join(f'{p.name} ({p.help})' for p in missing)}")
-    if spec.needs == "labels" and not _has_labels(store, run):
-        raise InputError(f"{name} compares sequence labels, and {'run ' + str(run) if run is not None else 'the data'} "
-                         "has none: record with --label/--label-field (or labels=...), or pick a labelled run")
+    _check_data(store, run, spec, params)
     if name == "run_agreement":
         run_b = params.pop("run_b")
         df = run_agreement(store, run, store, run_b, **params)
@@ -212,10 +210,26 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
     return spec.function(store, run, **params)
 
 
-def _has_labels(source: Any, run: int | None) -> bool:
-    """Whether any sequence of the run (or of a `RoutingData`) has a label."""
+def _check_data(source: Any, run: int | None, spec: ScoreSpec, params: Mapping[str, Any]) -> None:
+    """Refuse a run that lacks what the score reads, which would otherwise give an empty or all-NaN table."""
+    where = "the data" if run is None else f"run {run}"
+    if spec.needs == "labels" and not _exists(source, run, "sequences", "label IS NOT NULL", label=True):
+        raise InputError(f"{spec.name} compares sequence labels, and {where} has none: record with --label/--label-field "
+                         "(or labels=...), or pick a labelled run")
     if run is None:
-        label = getattr(source, "label", None)
-        return label is None or bool((label >= 0).any())
-    found = source.query("SELECT count(*) AS n FROM sequences WHERE run_id = ? AND label IS NOT NULL", [int(run)])
-    return int(found["n"].iloc[0]) > 0
+        return
+    if spec.needs == "shared experts" and not _exists(source, run, "shared_experts", "true"):
+        raise InputError(f"{spec.name}: run {run} has no shared-expert gates (its model has no shared experts)")
+    phase = params.get("phase")
+    if phase is not None and not _exists(source, run, "tokens", "phase = ?", phase):
+        hint = " (record with --generate N for generated tokens)" if phase == "generated" else ""
+        raise InputError(f"run {run} has no {phase} tokens{hint}; leave out phase to use all tokens")
+
+
+def _exists(source: Any, run: int | None, table: str, condition: str, *args: Any, label: bool = False) -> bool:
+    """Whether the run has a row of ``table`` meeting ``condition`` (a `RoutingData` answers for labels only)."""
+    if run is None:
+        labels = getattr(source, "label", None)
+        return not label or labels is None or bool((labels >= 0).any())
+    found = source.query(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE run_id = ? AND {condition}) AS found", [int(run), *args])
+    return bool(found["found"].iloc[0])
