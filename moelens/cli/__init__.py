@@ -17,7 +17,6 @@ import logging
 import sys
 
 from rich.logging import RichHandler
-
 from rich.markup import escape
 
 from moelens.cli.common import app, err_console

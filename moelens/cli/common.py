@@ -29,6 +29,7 @@ err_console = Console(stderr=True)
 FORMATS = ("table", "csv", "json")
 
 
+# Option factories: typer reads options from each command's signature, so commands share them through these.
 def db_option(help: str = "Trace store (DuckDB file).") -> Path:
     return typer.Option(DEFAULT_DB, "--db", help=help)
 

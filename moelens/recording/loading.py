@@ -27,8 +27,8 @@ DTYPE_ALIASES = {
 }
 DTYPES = tuple(DTYPE_ALIASES)
 
-#: ``from_pretrained`` keyword arguments that also decide which config and tokenizer files are read.
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+#: ``from_pretrained`` keyword arguments (besides ``revision``) that also decide which config and tokenizer files are read.
+_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
 def load_model(
@@ -55,10 +55,10 @@ def load_model(
         raise InputError("moelens loads weights only from .safetensors files; use_safetensors=False is not allowed")
     from_pretrained_kwargs.pop("output_loading_info", None)  # always on: it is how missing routers are found
     dtype = from_pretrained_kwargs.pop("torch_dtype", dtype)  # transformers' older name for dtype
-    placement = _placement(device, device_map)
+    placement, move_to = _placement(device, device_map)
     source = str(name_or_path)
     common = {"trust_remote_code": trust_remote_code, "revision": revision,
-              **{k: from_pretrained_kwargs.pop(k) for k in _HUB_KWARGS[1:] if k in from_pretrained_kwargs}}
+              **{k: from_pretrained_kwargs.pop(k) for k in _HUB_KWARGS if k in from_pretrained_kwargs}}
     if not _is_local(source):  # before torch and transformers load: a hub id while offline fails at once
         common["local_files_only"] = common.get("local_files_only") or _hub_files_only_from_cache(
             source, revision, common.get("cache_dir"))
@@ -89,8 +89,8 @@ def load_model(
         ) from exc
     except (TypeError, ValueError) as exc:
         raise InputError(f"transformers could not load {source!r} as asked: {_first_line(exc)}") from exc
-    if "device_map" not in placement:
-        model = model.to(device or "cpu")
+    if move_to is not None:
+        model = model.to(move_to)
     model = model.eval()
     info = find_routers(model)  # raises NotMoEError with the supported types
     missing = missing_router_weights(model, info, loading_info.get("missing_keys", ()))
@@ -137,20 +137,20 @@ def missing_router_weights(model: Any, info: Any, missing_keys: Any) -> list[str
     return sorted(key for key in missing_keys if any(key.startswith(prefix + ".") for prefix in prefixes))
 
 
-def _placement(device: str | None, device_map: str | dict | None) -> dict[str, Any]:
-    """``{"device_map": ...}`` for transformers, or ``{}`` when the model is moved to ``device`` after loading."""
+def _placement(device: str | None, device_map: str | dict | None) -> tuple[dict[str, Any], str | None]:
+    """``({"device_map": ...}, None)`` for transformers to place the model, or ``({}, device)`` to move it after loading."""
     if device_map is None:
-        return {}
+        return {}, device or "cpu"
     if device is not None:
         raise InputError("pass device or device_map, not both (device_map places the model while it loads)")
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
         if isinstance(device_map, str) and device_map != "auto":
-            return {}  # one device: loading then moving is the same placement, and needs no accelerate
+            return {}, device_map  # one device: loading then moving is the same placement, and needs no accelerate
         raise InputError(f"device_map={device_map!r} needs the accelerate package (pip install accelerate); "
                          "or pass one device (--device cuda:0)")
-    return {"device_map": device_map}
+    return {"device_map": device_map}, None
 
 
 def _is_local(source: str) -> bool:
