@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import moelens as cli
 
 import moelens
 from moelens.adapters import find_routers
@@ -116,5 +117,14 @@ def test_cached_hub_id_loads_without_the_network(tmp_path, checkpoint) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     start = time.monotonic()
-    model, _ = moelens.load("some-org/cached-moe", cache_dir=tmp_path)
+    model, _ = moelens.load("some-org/cached-moe", cache_dir=tmp_path, revision="main")
     assert time.monotonic() - start < 10 and find_routers(model).n_experts == find_routers(checkpoint[1]).n_experts
+
+
+def test_cli_loading_options(tmp_path, checkpoint) -> None:
+    db = str(tmp_path / "t.duckdb")
+    out = cli("record", str(checkpoint[0]), "--text", "hello", "--device-map", "cpu", "--dtype", "bf16", "--db", db).stdout
+    assert "run 1 complete" in out
+    assert moelens.TraceStore(db).run(1)["dtype"] == "bfloat16"
+    proc = cli("record", str(checkpoint[0]), "--text", "x", "--device-map", "{bad", "--db", db, check=False)
+    assert proc.returncode == 1 and "is not a JSON object" in proc.stderr
