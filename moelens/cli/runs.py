@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from moelens.cli.common import app, console, db_option, emit, err_console, format_option
+from moelens.cli.common import app, check_format, console, db_option, emit, err_console, format_option
 from moelens.errors import InputError
 
 
@@ -28,6 +28,7 @@ def show(run: int = typer.Argument(..., help="Run id."), db: Path = db_option(),
     """Show one run: its settings, layers and sequences."""
     from moelens.store import TraceStore
 
+    check_format(fmt)
     store = TraceStore(db, read_only=True)
     info = store.run(run)
     if fmt == "json":
