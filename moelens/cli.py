@@ -182,6 +182,63 @@ def delete(run: int = typer.Argument(...), db: Path = DbOption,
     console.print(f"deleted run {run}")
 
 
+@app.command("import-engine")
+def import_engine(
+    file: Path = typer.Argument(..., help="JSONL of request outputs, one request per line (README: Serving-engine traces)."),
+    fmt: str = typer.Option(..., "--format", help="vllm | sglang | trtllm"),
+    model: str = typer.Option(..., "--model", help="The model the engine served (folder, hub id, demo, tiny:TYPE): its MoE layer ids."),
+    db: Path = DbOption,
+    engine_version: Optional[str] = typer.Option(None, "--engine-version", help="Stored in the run's metadata."),
+    name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
+    label: Optional[str] = typer.Option(None, "--label", help="Label for requests without a 'label' field."),
+    teacher_force: bool = typer.Option(False, "--teacher-force", help="Also re-run the same tokens through the transformers model (fills weights) and compare."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Store a serving engine's routed-expert ids (vLLM, SGLang, TensorRT-LLM) as a run (weights NULL)."""
+    from moelens.adapters import find_routers
+    from moelens.recording.engines import import_engine_file, layout_model, teacher_force as force
+    from moelens.store import TraceStore
+
+    if not file.is_file():
+        raise MoelensError(f"engine output file {file} does not exist")
+    store = TraceStore(db)
+    if teacher_force:
+        lm, tokenizer, model_name = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        lm, model_name = layout_model(model, trust_remote_code=trust_remote_code), model
+        tokenizer = _tokenizer_or_none(model, trust_remote_code)
+    run_id = import_engine_file(file, fmt, store=store, info=find_routers(lm), tokenizer=tokenizer, model_name=model_name,
+                                engine_version=engine_version, name=name, label=label)
+    console.print(f"[green]run {run_id}[/] imported from {fmt} -> {db}")
+    if teacher_force:
+        from moelens.analysis import run_agreement
+
+        forced = force(lm, tokenizer, store, run_id)
+        console.print(f"[green]run {forced}[/]: the same tokens teacher-forced through the transformers model")
+        emit(run_agreement(store, run_id, forced), "table", title=f"engine (run {run_id}) vs transformers (run {forced})")
+
+
+def _tokenizer_or_none(spec: str, trust_remote_code: bool):
+    """The model's tokenizer for exact token text; None (text left NULL) when the folder has none."""
+    if spec.startswith("tiny:"):
+        from moelens.tiny import tiny_config, tiny_tokenizer
+
+        return tiny_tokenizer(tiny_config(spec[5:]).vocab_size)
+    from transformers import AutoTokenizer
+
+    if spec in ("demo", "demo:early"):
+        from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
+
+        spec = str(DEMO_EARLY_DIR if spec == "demo:early" else DEMO_MODEL_DIR)
+    try:
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        err_console.print(f"[yellow]no tokenizer found for {spec}[/]: token text is left NULL")
+        return None
+
+
 @app.command("app")
 def open_app(db: Path = DbOption, port: Optional[int] = typer.Option(None, "--port")) -> None:
     """Open the Streamlit workbench on a trace store."""
