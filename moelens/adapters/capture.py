@@ -3,7 +3,8 @@
 The hooks decode the router's own output (``transformers-moe.md`` §4) with a few tensor ops and keep detached
 copies; they never recompute top-k from logits (DeepSeek-V3 biases, Switch capacity drops and ties make that
 wrong) and never change a tensor the model uses, so outputs are bitwise identical with and without capture.
-Copies stay on the model's device until ``pop`` so that a GPU forward is not synchronised once per layer.
+Copies stay on the model's device until ``pop`` so that a GPU forward is not synchronised once per layer;
+``pop_async`` moves them with one copy per device and field, on a side stream into pinned memory on CUDA.
 """
 
 from __future__ import annotations
@@ -32,16 +33,71 @@ class RouterCall:
     shared_gate: torch.Tensor | None = None
 
 
-def _calls_to_cpu(calls: list[RouterCall]) -> None:
-    """Move every tensor to the CPU with one transfer per field, not one blocking copy per tensor and call."""
-    for name in ("experts", "weights", "logits", "shared_gate"):
-        owners = [call for call in calls if getattr(call, name) is not None]
-        tensors = [getattr(call, name) for call in owners]
-        if not tensors or tensors[0].device.type == "cpu":  # one model, one device
-            continue
-        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
-        for call, tensor, piece in zip(owners, tensors, flat.split([t.numel() for t in tensors])):
-            setattr(call, name, piece.view(tensor.shape))
+_FIELDS = ("experts", "weights", "logits", "shared_gate")
+
+
+class PendingCalls:
+    """Router calls whose tensors are on their way to the host: `wait` returns them, on the CPU.
+
+    On CUDA the copies run on a side stream into pinned host memory, ordered after the forward that produced
+    them, so the caller can start the next forward at once and build columns from these later (for example on
+    a writer thread). Elsewhere the copies are done by the time this object exists.
+    """
+
+    def __init__(self, calls: list[RouterCall], events: list[Any]) -> None:
+        self._calls = calls
+        self._events = events
+
+    def wait(self) -> list[RouterCall]:
+        for event in self._events:
+            event.synchronize()
+        self._events = []
+        return self._calls
+
+
+def _calls_to_host(calls: list[RouterCall], *, non_blocking: bool = False) -> PendingCalls:
+    """Move every tensor to the CPU with one transfer per field and device (not one blocking copy per tensor
+    and call). Routers of a model split over devices (``device_map="auto"``, offloaded layers) live on
+    different devices: their tensors are grouped by device, never concatenated across devices."""
+    events = []
+    for name in _FIELDS:
+        groups: dict[torch.device, list[RouterCall]] = {}
+        for call in calls:
+            tensor = getattr(call, name)
+            if tensor is not None and tensor.device.type != "cpu":
+                groups.setdefault(tensor.device, []).append(call)
+        for device, owners in groups.items():
+            tensors = [getattr(call, name) for call in owners]
+            if non_blocking and device.type == "cuda":
+                host, event = _copy_async(tensors, device)
+                events.append(event)
+            else:
+                host = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+            for call, tensor, piece in zip(owners, tensors, host.split([t.numel() for t in tensors])):
+                setattr(call, name, piece.view(tensor.shape))
+    return PendingCalls(calls, events)
+
+
+def _copy_async(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, Any]:
+    """Concatenate on a side stream (after the work queued so far) and copy into pinned host memory."""
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+    for tensor in (*tensors, flat):  # keep the caching allocator from reusing them before the copy ran
+        tensor.record_stream(stream)
+    return host, stream.record_event()
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def _standard(out: tuple[torch.Tensor, ...], site: RouterSite) -> Decoded:
@@ -147,9 +203,12 @@ class RoutingCapture:
 
     def pop(self) -> list[RouterCall]:
         """The calls recorded since the last pop, in call order, on the CPU."""
+        return self.pop_async(non_blocking=False).wait()
+
+    def pop_async(self, *, non_blocking: bool = True) -> PendingCalls:
+        """The calls recorded since the last pop, with their host copies started (asynchronous on CUDA)."""
         calls, self._calls = self._calls, []
-        _calls_to_cpu(calls)
-        return calls
+        return _calls_to_host(calls, non_blocking=non_blocking)
 
     def _remove(self) -> None:
         for handle in self._handles:

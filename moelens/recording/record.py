@@ -79,7 +79,7 @@ def record(
         metadata={**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
                   "generate": gen_kwargs},
     )
-    store.append(run_id, {"layers": _layer_rows(info)})
+    store.append(run_id, {"layers": layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
     bar = _progress(progress, max_tokens)
     try:
@@ -193,7 +193,8 @@ def _sequence_columns(batch: list[Chunk], seq_start: int, *, prompt_lens: list[i
     }
 
 
-def _layer_rows(info: MoEInfo) -> dict:
+def layer_rows(info: MoEInfo) -> dict:
+    """The `layers` table rows of a run: one per router site (the key analyses use for each layer)."""
     return {
         "layer": [s.layer for s in info.sites],
         "block": [s.block for s in info.sites],
@@ -205,17 +206,24 @@ def _layer_rows(info: MoEInfo) -> dict:
     }
 
 
-def _run_fields(model: Any, info: MoEInfo) -> dict[str, Any]:
-    param = next(model.parameters())
+def routing_fields(info: MoEInfo) -> dict[str, Any]:
+    """The run fields that describe the model's MoE layout (no weights needed)."""
     return {
         "model_type": info.model_type,
-        "revision": getattr(model.config, "_commit_hash", None) or f"router-sha1:{router_fingerprint(info)}",
         "n_layers": info.n_layers,
         "moe_layers": [s.layer for s in info.sites],
         "n_experts": info.n_experts,
         "top_k": info.top_k,
         "n_shared_experts": info.n_shared_experts,
         "routing_function": info.routing_function,
+    }
+
+
+def _run_fields(model: Any, info: MoEInfo) -> dict[str, Any]:
+    param = next(model.parameters())
+    return {
+        **routing_fields(info),
+        "revision": getattr(model.config, "_commit_hash", None) or f"router-sha1:{router_fingerprint(info)}",
         "dtype": str(param.dtype).removeprefix("torch."),
         "device": str(param.device),
     }

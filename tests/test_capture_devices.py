@@ -1,0 +1,100 @@
+"""Capture on models whose routers do not all live on one device: accelerate's disk/CPU offload here, several
+CUDA devices (or CUDA + CPU offload) where the machine has them. Whatever the placement, the recording equals
+the one of the same model in one piece on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelens.adapters import RoutingCapture, find_routers
+from moelens.adapters.capture import RouterCall, _calls_to_host
+from moelens.tiny import tiny_model
+
+pytest.importorskip("accelerate")
+
+
+def _calls(model, ids):
+    info = find_routers(model)
+    with torch.inference_mode(), RoutingCapture(model, info) as capture:
+        model(ids)
+        return capture.pop()
+
+
+def _same(a: list[RouterCall], b: list[RouterCall]) -> None:
+    assert [c.layer for c in a] == [c.layer for c in b]
+    for x, y in zip(a, b):
+        assert x.experts.device.type == "cpu" and torch.equal(x.experts, y.experts)
+        assert torch.equal(x.weights, y.weights)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, _ = tiny_model("qwen3_moe", num_hidden_layers=3)
+    path = tmp_path_factory.mktemp("offload") / "model"
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_disk_and_cpu_offloaded_layers_record_the_same_routing(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, reference = saved
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"),
+                                                     dtype=torch.float32).eval()
+    ids = torch.randint(0, reference.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    _same(_calls(offloaded, ids), _calls(reference, ids))
+
+
+def test_async_pop_equals_pop_on_cpu():
+    model, _ = tiny_model("mixtral")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    info = find_routers(model)
+    with torch.inference_mode(), RoutingCapture(model, info, logits=True) as capture:
+        model(ids)
+        pending = capture.pop_async()
+        model(ids)
+        blocking = capture.pop()
+    _same(pending.wait(), blocking)
+
+
+def test_tensors_on_several_devices_are_grouped_not_concatenated():
+    """One transfer per (field, device): calls on different devices each get back their own values."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    calls = [RouterCall(layer=i, experts=torch.full((3, 2), i, device=devices[i % len(devices)]),
+                        weights=torch.full((3, 2), i / 10, device=devices[i % len(devices)])) for i in range(4)]
+    out = _calls_to_host(calls, non_blocking=True).wait()
+    for i, call in enumerate(out):
+        assert call.experts.device.type == "cpu" and (call.experts == i).all() and torch.allclose(call.weights, torch.tensor(i / 10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_split_over_cuda_devices_and_cpu(saved):
+    from transformers import AutoModelForCausalLM
+
+    path, reference = saved
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    device_map = {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": last,
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    split = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=torch.float32).eval()
+    ids = torch.randint(0, reference.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    info = find_routers(split)
+    with torch.inference_mode(), RoutingCapture(split, info) as capture:
+        split(ids.to("cuda:0"))
+        got = capture.pop_async().wait()
+    _same(got, _calls(reference, ids))
+
+
+def test_capture_under_torch_compile_without_cuda_graphs():
+    """Dynamo traces the read-only hooks into the compiled forward (``aot_eager``: tracing, no code generation,
+    so the numbers are the eager ones and must match exactly)."""
+    model, _ = tiny_model("qwen3_moe")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager")
+    info = find_routers(model)
+    with torch.inference_mode(), RoutingCapture(model, info) as capture:
+        compiled(ids)
+        got = capture.pop()
+    _same(got, _calls(model, ids))
