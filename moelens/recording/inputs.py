@@ -47,7 +47,7 @@ def documents(inputs: Any, labels: Sequence[str | None] | str | None = None, *, 
     ``label_field`` (or a chat ``messages`` list); `Document`s; a Hugging Face ``datasets.Dataset``. ``labels``
     is one label for all documents or one per document.
     """
-    if isinstance(inputs, (str, Document)) or _is_id_sequence(inputs) or (isinstance(inputs, Mapping) and "input_ids" in inputs):
+    if isinstance(inputs, (str, Document, Mapping)) or _is_id_sequence(inputs):  # one document
         inputs = [inputs]
     per_doc = labels if labels is not None and not isinstance(labels, str) else None
     for i, item in enumerate(inputs):

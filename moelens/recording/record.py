@@ -8,6 +8,7 @@ cannot take (a tokenizer with more ids than the embedding has rows) are refused 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import itertools
@@ -170,8 +171,14 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     seq_id = writer.n_sequences
     device = _device(model)
     prompt = torch.tensor([chunk.ids], device=device)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), return_dict_in_generate=True,
-                         output_logits=True, pad_token_id=pad_id(tokenizer, model), **gen_kwargs)
+    ours = {"return_dict_in_generate": True, "output_logits": True, "pad_token_id": pad_id(tokenizer, model)}
+    kwargs = dict(gen_kwargs)
+    if "generation_config" in kwargs:  # transformers wants either a config or loose settings, not both
+        kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+        kwargs["generation_config"].update(**ours)
+    else:
+        kwargs.update(ours)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     sequence = out.sequences[0]
     last = model(sequence[-1:].unsqueeze(0), use_cache=True, **_cache_argument(model, out))
     n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])

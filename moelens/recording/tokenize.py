@@ -141,22 +141,28 @@ def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True, s
         pieces, special = decoded_texts(tokenizer, ids, specials=specials, target=text)
         return ids, pieces, special
     ids = [int(t) for t in enc["input_ids"]]
-    tokens, special = _texts_from_offsets(ids, offsets, text, specials)
+    tokens, special = _texts_from_offsets(ids, offsets, text, specials, tokenizer.convert_ids_to_tokens(ids))
     return ids, tokens, special
 
 
-def _texts_from_offsets(ids: list[int], offsets: list[tuple[int, int]], text: str,
-                        specials: _SpecialTokens) -> tuple[list[str | None], list[str | None]]:
+def _texts_from_offsets(ids: list[int], offsets: list[tuple[int, int]], text: str, specials: _SpecialTokens,
+                        pieces: list[str]) -> tuple[list[str | None], list[str | None]]:
     """Each text token owns the characters from the previous token's end to its own end.
 
     Tokens sharing one character's span (byte pieces) leave it to the first; characters no token claims
     (trailing whitespace a pre-tokenizer dropped) go to the last text token. A special token spells nothing,
-    even where its offsets cover the literal ``<s>`` it was parsed from.
+    even where its offsets cover the literal ``<s>`` it was parsed from, and so does SentencePiece's
+    synthetic word-start ``▁`` (its offsets are the next character's: ``▁`` + ``中`` for a text starting "中").
     """
     tokens: list[str | None] = []
     special: list[str | None] = []
     prev_end, last_text, carry = 0, None, ""
     for i, (tid, (start, end)) in enumerate(zip(ids, offsets)):
+        if (pieces[i] == "\u2581" and i + 1 < len(ids) and tuple(offsets[i + 1]) == (start, end) and start < end
+                and not text[start].isspace()):
+            tokens.append("")
+            special.append(None)
+            continue
         name = specials.name(tid)
         if name is not None and (start == end or text[start:end].strip() == name.strip()):
             unclaimed = text[prev_end:start] if start > prev_end else ""
