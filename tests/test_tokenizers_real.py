@@ -325,3 +325,13 @@ def test_alignment_by_hand_and_on_random_strings() -> None:
         assert "".join(out) == target and len(out) == len(pieces)
         if "".join(pieces) == target:
             assert out == pieces
+
+
+def test_empty_documents_are_counted_not_recorded_as_a_lone_bos(mixtral, tmp_path) -> None:
+    store = TraceStore(tmp_path / "m.duckdb")
+    run = record(*mixtral, ["", "x", {"text": ""}], store=store, progress=False)
+    assert store.run(run)["metadata"]["empty_documents"] == 2 and store.sequences(run)["text"].tolist() == ["x"]
+    run = record(*mixtral, ["", "x", {"messages": []}], store=store, chat=True, progress=False)
+    assert store.run(run)["metadata"]["empty_documents"] == 2
+    with pytest.raises(InputError, match="skipped 2 empty documents"):
+        record(*mixtral, ["", ""], store=store, progress=False)

@@ -77,13 +77,18 @@ def _tokenize(doc: Document, tokenizer: Any, specials: _SpecialTokens, *, chat: 
     elif tokenizer is None:
         raise InputError("texts need a tokenizer; pass token ids instead when recording without one")
     elif chat:
-        messages = list(doc.messages) if doc.messages is not None else [{"role": "user", "content": doc.text}]
-        if doc.messages is None and not doc.text:
+        if doc.messages is not None:
+            messages = list(doc.messages)
+        else:
+            messages = [{"role": "user", "content": doc.text}] if doc.text else []
+        if not messages:  # an empty document, not a lone BOS
             return [], [], []
         ids = _chat_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt, source=doc.source)
     elif doc.text is None:
         raise InputError(f"document {doc.source} is a chat (it has 'messages' but no text): record it with chat=True "
                          "(moelens record --chat)")
+    elif not doc.text:  # an empty document, not a lone BOS
+        return [], [], []
     else:
         return encode_text(tokenizer, doc.text, add_special_tokens=add_special_tokens, specials=specials)
     if tokenizer is None:
