@@ -6,6 +6,7 @@ The convention, the same for forward and generation runs and for every tokenizer
 * **Special tokens** (BOS/EOS, chat control tokens, ``<pad>``...) spell no text: their ``token`` is ``""`` and
   their name (``<s>``) is in ``special``; ``special`` is ``None`` for every other token. A special token written
   literally in a document (a ``</s>`` in the text) is recorded the way the tokenizer read it: as that special token.
+  An ``<unk>`` whose offsets cover characters of the text keeps them (it stands for text).
 * **A character split over several tokens** (SentencePiece byte fallback, byte-level BPE pieces of an emoji) is
   carried whole by its first token; the other pieces have ``""``. A sequence cut between such pieces thus still
   spells whole characters.
