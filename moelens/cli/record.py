@@ -36,6 +36,8 @@ def record(
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     seq_len: int = typer.Option(512, "--seq-len", help="Cut documents into sequences of at most this many tokens."),
     generate: Optional[int] = typer.Option(None, "--generate", help="Treat inputs as prompts and record N greedy new tokens each."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template to each input (a JSONL 'messages' field, or the text as one user turn)."),
+    add_special_tokens: bool = typer.Option(True, "--add-special-tokens/--no-add-special-tokens", help="Let the tokenizer add its BOS/EOS to plain texts."),
     device: Optional[str] = device_option(),
     device_map: Optional[str] = device_map_option(),
     dtype: str = dtype_option(),
@@ -63,6 +65,10 @@ def record(
     inputs = itertools.chain(documents(text, label) if text else [],
                              read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                        max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name)
+                        max_sequences=max_sequences, logits=logits, generate=generate, chat=chat,
+                        add_special_tokens=add_special_tokens, name=name, model_name=model_name)
     info = store.runs().set_index("run_id").loc[run_id]
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
+    empty = (store.run(run_id).get("metadata") or {}).get("empty_documents", 0)
+    if empty:
+        console.print(f"skipped {empty} empty document{'s' if empty != 1 else ''}")

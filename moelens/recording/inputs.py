@@ -7,8 +7,9 @@ recorder's memory stays bounded by its batch and flush sizes, not by the corpus.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,27 +21,33 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".c", ".h", ".rst", ".text"}
 
 @dataclass(frozen=True)
 class Document:
-    """One input document: text (or pre-tokenized ids), with an optional label and a source name."""
+    """One input document: text, pre-tokenized ids or chat ``messages``, with an optional label and a source name.
+
+    ``messages`` (``[{"role": ..., "content": ...}, ...]``) is rendered with the tokenizer's chat template when
+    recording with ``chat=True``; plain text then becomes one user turn.
+    """
 
     text: str | None = None
     ids: tuple[int, ...] | None = None
     label: str | None = None
     source: str | None = None
+    messages: tuple[dict, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.text is None and self.ids is None:
-            raise InputError("a document needs text or token ids")
+        if self.text is None and self.ids is None and self.messages is None:
+            raise InputError("a document needs text, token ids or chat messages")
 
 
 def documents(inputs: Any, labels: Sequence[str | None] | str | None = None, *, text_field: str = "text",
               label_field: str | None = "label") -> Iterator[Document]:
     """Normalise the accepted input forms into documents.
 
-    Accepted: a string; a list of strings; a list of token-id lists (or 1-D tensors/arrays); dicts with
-    ``text_field`` / ``label_field``; `Document`s; a Hugging Face ``datasets.Dataset``. ``labels`` is one
-    label for all documents or one per document.
+    Accepted: a string; a list of strings; a list of token-id lists (or 1-D tensors/arrays, or the
+    ``{"input_ids": ...}`` that ``apply_chat_template(tokenize=True)`` returns); dicts with ``text_field`` /
+    ``label_field`` (or a chat ``messages`` list); `Document`s; a Hugging Face ``datasets.Dataset``. ``labels``
+    is one label for all documents or one per document.
     """
-    if isinstance(inputs, (str, Document)) or _is_id_sequence(inputs):
+    if isinstance(inputs, (str, Document, Mapping)) or _is_id_sequence(inputs):  # one document
         inputs = [inputs]
     per_doc = labels if labels is not None and not isinstance(labels, str) else None
     for i, item in enumerate(inputs):
@@ -51,17 +58,23 @@ def documents(inputs: Any, labels: Sequence[str | None] | str | None = None, *, 
 
 def _document(item: Any, label: str | None, *, text_field: str, label_field: str | None, index: int) -> Document:
     if isinstance(item, Document):
-        return item if label is None else Document(item.text, item.ids, label, item.source)
+        return item if label is None else dataclasses.replace(item, label=label)
     if isinstance(item, str):
         return Document(text=item, label=label, source=f"text[{index}]")
+    if isinstance(item, Mapping) and text_field not in item and "input_ids" in item:  # apply_chat_template output
+        return Document(ids=tuple(int(t) for t in _flat_ids(item["input_ids"])), label=label, source=f"ids[{index}]")
     if isinstance(item, dict):
-        if text_field not in item:
+        messages = item.get("messages")
+        if text_field not in item and messages is None:
             raise InputError(f"record {index} has no field {text_field!r} (fields: {sorted(item)}); set --text-field")
+        if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+            raise InputError(f"record {index}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
         item_label = item.get(label_field) if label_field else None
         return Document(
-            text=str(item[text_field]),
+            text=None if text_field not in item else str(item[text_field]),
             label=label if label is not None else (None if item_label is None else str(item_label)),
             source=str(item.get("id", item.get("source", f"record[{index}]"))),
+            messages=None if messages is None else tuple(messages),
         )
     if _is_id_sequence(item):
         return Document(ids=tuple(int(t) for t in _flat_ids(item)), label=label, source=f"ids[{index}]")
@@ -143,12 +156,12 @@ def _file(path: Path, *, text_field: str, label_field: str | None, label: str | 
                 except json.JSONDecodeError as exc:
                     raise InputError(f"{path}:{n + 1} is not valid JSON ({exc.msg})") from exc
                 doc = _document(record, label, text_field=text_field, label_field=label_field or "label", index=n)
-                yield Document(doc.text, doc.ids, doc.label, f"{path.name}:{n + 1}")
+                yield dataclasses.replace(doc, source=f"{path.name}:{n + 1}")
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as fh:
             for n, row in enumerate(csv.DictReader(fh)):
                 doc = _document(row, label, text_field=text_field, label_field=label_field or "label", index=n)
-                yield Document(doc.text, doc.ids, doc.label, f"{path.name}:{n + 2}")
+                yield dataclasses.replace(doc, source=f"{path.name}:{n + 2}")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -157,7 +170,7 @@ def _file(path: Path, *, text_field: str, label_field: str | None, label: str | 
             raise InputError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set --text-field")
         for n, row in enumerate(table.to_pylist()):
             doc = _document(row, label, text_field=text_field, label_field=label_field or "label", index=n)
-            yield Document(doc.text, doc.ids, doc.label, f"{path.name}:{n}")
+            yield dataclasses.replace(doc, source=f"{path.name}:{n}")
     else:
         try:
             text = path.read_text(encoding="utf-8")

@@ -2,14 +2,17 @@
 
 A run is created in state ``recording`` and marked ``complete`` only after its last rows are written;
 any exception, Ctrl-C included, marks it ``failed`` with the reason, so an interrupted run never looks
-complete. Hooks are removed on every exit path (`RoutingCapture` is a context manager).
+complete. Hooks are removed on every exit path (`RoutingCapture` is a context manager). Inputs the model
+cannot take (a tokenizer with more ids than the embedding has rows) are refused before a run is created.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import itertools
-import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from moelens.adapters import MoEInfo, RoutingCapture, find_routers, unwrap
 from moelens.errors import InputError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
-from moelens.recording.tokenize import Chunk, chunk_documents
+from moelens.recording.tokenize import Chunk, chunk_documents, decoded_texts, make_chunk
 from moelens.recording.writer import RunWriter
 from moelens.store import DEFAULT_DB, TraceStore
 
@@ -40,6 +43,8 @@ def record(
     max_sequences: int | None = None,
     logits: bool = False,
     generate: int | dict[str, Any] | None = None,
+    chat: bool = False,
+    add_special_tokens: bool = True,
     name: str | None = None,
     model_name: str | None = None,
     text_field: str = "text",
@@ -54,30 +59,48 @@ def record(
 
     ``inputs``: texts, token-id lists, dicts with ``text_field``/``label_field``, `Document`s or a
     ``datasets.Dataset``. Long documents are cut into sequences of at most ``seq_len`` tokens; padding is
-    never stored. ``generate=N`` (or a dict of ``generate`` keyword arguments) records each input as a
-    prompt followed by its greedy continuation: prompt tokens once, then each new token once.
+    never stored. ``chat=True`` renders each input with the tokenizer's chat template (a ``messages`` list,
+    or the text as one user turn; the template's BOS is the only one); ``add_special_tokens`` says whether
+    plain texts get the tokenizer's BOS/EOS. Token texts follow the convention of `moelens.recording.tokenize`
+    (special tokens spell ``""`` and are named in ``tokens.special``). Empty documents are skipped and
+    counted in the run's ``metadata["empty_documents"]``.
+
+    ``generate=N`` (or a dict of ``generate`` keyword arguments: a ``GenerationConfig``, stopping criteria and
+    logits processors included; the metadata keeps a readable summary) records each input as a prompt
+    followed by its continuation (greedy unless asked otherwise): prompt tokens once, then each new token once,
+    as the cached generation routed them. In float32 that routing equals one forward over the final sequence;
+    in bfloat16/float16 the cached steps' rounding can differ from a full forward's, so a near-tie between two
+    experts may be routed differently: what is stored is what generation used.
     """
     model = unwrap(model)  # record the torch module an nnsight wrapper runs
-    store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     info = find_routers(model)
-    docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
-                     text_field=text_field, label_field=label_field)
-    chunks = _limited(chunk_documents(docs, tokenizer, seq_len), max_tokens, max_sequences)
-    first = next(chunks, None)
-    if first is None:
-        raise InputError("nothing to record: the inputs contain no text or tokens")
+    n_rows = _check_vocabulary(tokenizer, model)
     gen_kwargs = _generate_kwargs(generate)
     if gen_kwargs is not None and info.is_encoder_decoder:
         raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
+    store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
+    docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
+                     text_field=text_field, label_field=label_field)
+    counts: Counter = Counter()
+    chunks = _in_vocabulary(_limited(chunk_documents(docs, tokenizer, seq_len, chat=chat, add_special_tokens=add_special_tokens,
+                                                     add_generation_prompt=gen_kwargs is not None, counts=counts),
+                                     max_tokens, max_sequences), n_rows)
+    first = next(chunks, None)
+    if first is None:
+        empty = counts["empty_documents"]
+        raise InputError("nothing to record: the inputs contain no text or tokens"
+                         + (f" (skipped {empty} empty document{'s' if empty != 1 else ''})" if empty else ""))
 
+    run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
+                    "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
+                    "add_special_tokens": add_special_tokens}
     run_id = store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
         **_run_fields(model, info),
         parent_run_id=parent_run_id,
         intervention=intervention,
-        metadata={**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
-                  "generate": gen_kwargs},
+        metadata=run_metadata,
     )
     store.append(run_id, {"layers": layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
@@ -94,6 +117,7 @@ def record(
                     _generation(model, tokenizer, info, capture, chunk, writer, gen_kwargs)
                     bar.update(len(chunk.ids))
         writer.flush()
+        store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         store.finish_run(run_id, "failed", error=reason)
@@ -134,18 +158,26 @@ def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture,
 
 def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture, chunk: Chunk,
                 writer: RunWriter, gen_kwargs: dict[str, Any]) -> None:
-    """Greedy (or user-configured) generation from one prompt, recording every token once.
+    """One generation from one prompt, recording every token once, as generation routed it.
 
     ``generate`` routes the prompt, then one new token per step; the last new token is never fed back,
-    so one extra cached forward routes it. The result equals a plain forward over the final sequence.
+    so one extra cached forward routes it. In float32 the result equals a plain forward over the final
+    sequence (the cached steps compute the same numbers); in half precision a near-tie may go the other way.
+    Generated token texts are their spans in ``tokenizer.decode(prompt + generated)``.
     """
     seq_id = writer.n_sequences
     device = _device(model)
     prompt = torch.tensor([chunk.ids], device=device)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), return_dict_in_generate=True,
-                         output_logits=True, pad_token_id=pad_id(tokenizer, model), **gen_kwargs)
+    ours = {"return_dict_in_generate": True, "output_logits": True, "pad_token_id": pad_id(tokenizer, model)}
+    kwargs = dict(gen_kwargs)
+    if "generation_config" in kwargs:  # transformers wants either a config or loose settings, not both
+        kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+        kwargs["generation_config"].update(**ours)
+    else:
+        kwargs.update(ours)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     sequence = out.sequences[0]
-    last = model(sequence[-1:].unsqueeze(0), past_key_values=out.past_key_values, use_cache=True)
+    last = model(sequence[-1:].unsqueeze(0), use_cache=True, **_cache_argument(model, out))
     n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])
     rows = RowMap(seq_id=np.full(n_total, seq_id, dtype=np.int32), pos=np.arange(n_total, dtype=np.int32),
                   keep=np.ones(n_total, dtype=bool))
@@ -155,16 +187,26 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     step_logits = [*out.logits, last.logits[:, -1]]
     predicted = np.full(n_total, -1, dtype=np.int64)
     predicted[n_prompt - 1:] = torch.cat([s.argmax(-1) for s in step_logits]).cpu().numpy()[: n_total - n_prompt + 1]
-    new_ids = sequence[n_prompt:].tolist()
-    new_tokens = _incremental_texts(tokenizer, new_ids)
-    full = Chunk(ids=sequence.tolist(), tokens=[*chunk.tokens, *new_tokens],
-                 text=None if chunk.text is None else chunk.text + "".join(t or "" for t in new_tokens),
-                 label=chunk.label, source=chunk.source)
-    phase = ["prompt"] * n_prompt + ["generated"] * len(new_ids)
+    ids = sequence.tolist()
+    if tokenizer is None:
+        new_tokens, new_special = [None] * (n_total - n_prompt), [None] * (n_total - n_prompt)
+    else:
+        new_tokens, new_special = decoded_texts(tokenizer, ids, start=n_prompt)
+    full = make_chunk(ids, [*chunk.tokens, *new_tokens], [*(chunk.special or [None] * n_prompt), *new_special],
+                      label=chunk.label, source=chunk.source)
+    phase = ["prompt"] * n_prompt + ["generated"] * (n_total - n_prompt)
     tables["tokens"] = _token_columns([full], seq_id, predicted=pa.array(predicted, mask=predicted < 0, type=pa.int32()),
                                       phase=phase)
     tables["sequences"] = _sequence_columns([full], seq_id, prompt_lens=[n_prompt])
     writer.add(tables, n_tokens=n_total, n_sequences=1)
+
+
+def _cache_argument(model: Any, out: Any) -> dict[str, Any]:
+    """The generation's KV cache as the forward wants it: ``cache`` since transformers 5.24 (the old
+    ``past_key_values`` name is removed in 5.40), ``past_key_values`` before."""
+    new_name = "cache" in inspect.signature(model.forward).parameters
+    cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+    return {"cache" if new_name else "past_key_values": cache}
 
 
 # -- columns -------------------------------------------------------------------------------------------
@@ -177,6 +219,7 @@ def _token_columns(batch: list[Chunk], seq_start: int, *, predicted: pa.Array, p
         "pos": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
         "token_id": np.concatenate([np.asarray(c.ids, dtype=np.int32) for c in batch]),
         "token": [t for c in batch for t in c.tokens],
+        "special": [s for c in batch for s in (c.special or [None] * len(c.ids))],
         "phase": phase or ["prompt"] * sum(lengths),
         "predicted_id": predicted,
     }
@@ -251,8 +294,8 @@ def _limited(chunks: Iterator[Chunk], max_tokens: int | None, max_sequences: int
             if room <= 0:
                 return
             if len(chunk.ids) > room:
-                text = "".join(chunk.tokens[:room]) if all(t is not None for t in chunk.tokens[:room]) else None
-                chunk = Chunk(chunk.ids[:room], chunk.tokens[:room], text, chunk.label, chunk.source)
+                chunk = make_chunk(chunk.ids[:room], chunk.tokens[:room], (chunk.special or [None] * len(chunk.ids))[:room],
+                                   label=chunk.label, source=chunk.source)
         n_tokens += len(chunk.ids)
         yield chunk
 
@@ -269,27 +312,59 @@ def _generate_kwargs(generate: int | dict[str, Any] | None) -> dict[str, Any] | 
     if generate is None or generate is False:
         return None
     kwargs = {"max_new_tokens": generate} if isinstance(generate, int) else dict(generate)
-    kwargs.setdefault("do_sample", False)
+    if "generation_config" not in kwargs:  # a GenerationConfig says itself whether to sample
+        kwargs.setdefault("do_sample", False)
+    config = kwargs.get("generation_config")
+    if kwargs.get("use_cache") is False or getattr(config, "use_cache", True) is False:
+        raise InputError("generate with use_cache=False re-routes the whole prefix at every step; moelens records "
+                         "cached generation (drop use_cache=False)")
     return kwargs
 
 
-def _incremental_texts(tokenizer: Any, ids: list[int]) -> list[str | None]:
-    """Text each generated token adds, from decoding growing prefixes (keeps multibyte characters whole)."""
-    if tokenizer is None:
-        return [None] * len(ids)
-    texts: list[str | None] = []
-    previous = ""
-    for i in range(len(ids)):
-        current = tokenizer.decode(ids[: i + 1])
-        common = len(os.path.commonprefix([previous, current]))
-        cut, j = len(previous) - common, len(texts) - 1
-        while cut > 0 and j >= 0:  # a completed multibyte character replaces earlier placeholder text
-            take = min(cut, len(texts[j]))
-            texts[j] = texts[j][: len(texts[j]) - take]
-            cut, j = cut - take, j - 1
-        texts.append(current[common:])
-        previous = current
-    return texts
+def readable(value: Any) -> Any:
+    """A JSON-safe summary of ``generate`` arguments: numbers and strings as they are, a ``GenerationConfig``
+    as its non-default fields, tensors by shape, other objects (stopping criteria, logits processors) by class
+    and simple attributes, e.g. ``MaxLengthCriteria(max_length=20)``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): readable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [readable(v) for v in value]
+    if hasattr(value, "to_diff_dict"):  # GenerationConfig
+        return {"GenerationConfig": readable(value.to_diff_dict())}
+    if isinstance(value, torch.Tensor):
+        return f"tensor(shape={list(value.shape)}, dtype={str(value.dtype).removeprefix('torch.')})"
+    simple = {k: v for k, v in getattr(value, "__dict__", {}).items()
+              if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+    return f"{type(value).__name__}({', '.join(f'{k}={v!r}' for k, v in simple.items())})"
+
+
+def _check_vocabulary(tokenizer: Any, model: Any) -> int | None:
+    """Refuse a tokenizer with more ids than the model's embedding has rows (its forward would raise an
+    IndexError mid-run); return the number of rows, to check pre-tokenized ids as well."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        return None
+    if tokenizer is not None:
+        try:
+            n_ids = len(tokenizer)
+        except TypeError:
+            n_ids = getattr(tokenizer, "vocab_size", None)
+        if n_ids is not None and n_ids > rows:
+            raise InputError(f"the tokenizer has {n_ids} token ids but the model's embedding has {rows} rows; "
+                             "load the tokenizer that belongs to this model")
+    return int(rows)
+
+
+def _in_vocabulary(chunks: Iterator[Chunk], n_rows: int | None) -> Iterator[Chunk]:
+    """Pre-tokenized ids must fit the embedding too (one clear line instead of an IndexError traceback)."""
+    for chunk in chunks:
+        if n_rows is not None and chunk.ids and (max(chunk.ids) >= n_rows or min(chunk.ids) < 0):
+            bad = max(chunk.ids) if max(chunk.ids) >= n_rows else min(chunk.ids)
+            raise InputError(f"{chunk.source}: token id {bad} is outside the model's embedding (ids 0..{n_rows - 1})")
+        yield chunk
 
 
 def right_padded(batch: list[Chunk], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,8 @@ DDL: tuple[str, ...] = (
         token_id INTEGER NOT NULL,
         token VARCHAR,
         phase VARCHAR,
-        predicted_id INTEGER
+        predicted_id INTEGER,
+        special VARCHAR
     )""",
     """CREATE TABLE IF NOT EXISTS routing (
         run_id INTEGER NOT NULL,
@@ -101,6 +102,11 @@ DDL: tuple[str, ...] = (
         gate FLOAT
     )""",
 )
+
+#: Nullable columns added to version-1 tables: a file written before them gains them in place when it is
+#: opened for writing (rows recorded earlier read NULL). ``tokens.special``: a special token's name
+#: (``<s>``, ``[INST]``); its ``token`` text is then ``""``.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("tokens", "special", "VARCHAR"),)
 
 #: Tables that hold per-run rows (deleted with the run, exported with it). ``runs`` itself is last.
 RUN_TABLES = ("layers", "sequences", "tokens", "routing", "router_logits", "shared_experts")
@@ -139,6 +145,7 @@ ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("token", pa.string()),
             ("phase", pa.string()),
             ("predicted_id", pa.int32()),
+            ("special", pa.string()),
         ]
     ),
     "routing": pa.schema(

@@ -28,7 +28,7 @@ from moelens.errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from moelens.store.schema import ARROW_SCHEMAS, DDL, RUN_FIELDS, RUN_TABLES, SCHEMA_VERSION
+from moelens.store.schema import ADDED_COLUMNS, ARROW_SCHEMAS, DDL, RUN_FIELDS, RUN_TABLES, SCHEMA_VERSION
 
 DEFAULT_DB = Path("traces") / "moelens.duckdb"
 
@@ -157,6 +157,18 @@ class TraceStore:
                 f"{self.path} has schema version {version}, newer than this moelens understands ({SCHEMA_VERSION}). "
                 "Upgrade moelens (pip install -U moelens) to read it; the file was left untouched."
             )
+        elif not self.read_only:
+            self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Give a file written before `ADDED_COLUMNS` those nullable columns (one write, only when missing)."""
+        with self.connect() as con:
+            have = set(con.execute("SELECT table_name || '.' || column_name FROM information_schema.columns").fetchall())
+        missing = [(t, c, ty) for t, c, ty in ADDED_COLUMNS if (f"{t}.{c}",) not in have]
+        if missing:
+            with self.connect(write=True) as con:
+                for table, column, sql_type in missing:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
 
     @staticmethod
     def _create(con: duckdb.DuckDBPyConnection) -> None:
