@@ -102,6 +102,7 @@ def record(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     logits: bool = typer.Option(False, "--logits", help="Also store full router logits (large)."),
+    contributions: bool = typer.Option(False, "--contributions", help="Also store expert output norms and block residual cosines (for the pruning scores; about one more experts pass)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the model (only for models you trust)."),
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
 ) -> None:
@@ -122,7 +123,8 @@ def record(
     inputs = itertools.chain(documents(text, label) if text else [],
                              read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                        max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name)
+                        max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name,
+                        contributions=contributions)
     info = store.runs().set_index("run_id").loc[run_id]
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from moelens.adapters import MoEInfo, RoutingCapture, find_routers
+from moelens.adapters.contributions import check_supported
 from moelens.errors import InputError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
@@ -39,6 +40,7 @@ def record(
     max_tokens: int | None = None,
     max_sequences: int | None = None,
     logits: bool = False,
+    contributions: bool = False,
     generate: int | dict[str, Any] | None = None,
     name: str | None = None,
     model_name: str | None = None,
@@ -56,6 +58,8 @@ def record(
     ``datasets.Dataset``. Long documents are cut into sequences of at most ``seq_len`` tokens; padding is
     never stored. ``generate=N`` (or a dict of ``generate`` keyword arguments) records each input as a
     prompt followed by its greedy continuation: prompt tokens once, then each new token once.
+    ``contributions=True`` also stores each routed expert's output norm and each MoE block's residual cosine
+    (tables ``expert_contributions``, ``block_residuals``) for the pruning scores.
     """
     if type(model).__module__.startswith("nnsight"):  # record the torch module an nnsight wrapper runs
         from moelens.steering.nnsight_backend import unwrap
@@ -63,6 +67,8 @@ def record(
         model = unwrap(model)
     store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     info = find_routers(model)
+    if contributions:
+        check_supported(info)  # refuse before a run exists
     docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
                      text_field=text_field, label_field=label_field)
     chunks = _limited(chunk_documents(docs, tokenizer, seq_len), max_tokens, max_sequences)
@@ -80,13 +86,13 @@ def record(
         parent_run_id=parent_run_id,
         intervention=intervention,
         metadata={**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
-                  "generate": gen_kwargs},
+                  "contributions": contributions, "generate": gen_kwargs},
     )
     store.append(run_id, {"layers": _layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
     bar = _progress(progress, max_tokens)
     try:
-        with torch.inference_mode(), RoutingCapture(model, info, logits=logits) as capture:
+        with torch.inference_mode(), RoutingCapture(model, info, logits=logits, contributions=contributions) as capture:
             all_chunks = itertools.chain([first], chunks)
             if gen_kwargs is None:
                 for batch in _batched(all_chunks, batch_size):
@@ -127,7 +133,7 @@ def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture,
         pos=np.tile(np.arange(width, dtype=np.int32), len(batch)),
         keep=keep,
     )
-    tables = routing_columns(capture.pop(), rows)
+    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
     rows.check_complete([s.layer for s in info.sites])
     predicted = out.logits.argmax(-1).reshape(-1).cpu().numpy()[keep]
     tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(predicted, type=pa.int32()))
@@ -152,7 +158,7 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])
     rows = RowMap(seq_id=np.full(n_total, seq_id, dtype=np.int32), pos=np.arange(n_total, dtype=np.int32),
                   keep=np.ones(n_total, dtype=bool))
-    tables = routing_columns(capture.pop(), rows)
+    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
     rows.check_complete([s.layer for s in info.sites])
 
     step_logits = [*out.logits, last.logits[:, -1]]
