@@ -100,3 +100,34 @@ def test_prune_api_checks_the_run_model_and_writes(tmp_path, store) -> None:
         moelens.prune(other, store, run, score="reap")
     with pytest.raises(InputError, match="score must be one of"):
         moelens.prune(model, store, run, score="npmi")
+
+
+def test_evaluate_pruning_against_random_controls(store) -> None:
+    from moelens.pruning import evaluate_pruning
+    from moelens.pruning.evaluate import markdown_table
+    from moelens.recording.record import record
+
+    model, _ = tiny_model("olmoe")
+    tok = tiny_tokenizer()
+    calibration = [{"text": "def f(x): return x + 1", "label": "code"}, {"text": "the cat sat on the mat", "label": "prose"}]
+    held_out = [{"text": "def g(y): return y * 2", "label": "code"}, {"text": "a dog ran in the park", "label": "prose"}]
+    run = record(model, tok, calibration, store=store, contributions=True, progress=False)
+    seen = []
+    result = evaluate_pruning(model, tok, store, run, held_out, scores=("reap", "frequency"), keep=(0.75, 0.5),
+                              n_random=3, progress=lambda f, text: seen.append(f))
+    assert seen[-1] == 1.0
+    assert set(result["method"]) == {"reap", "frequency", "random"} and set(result["label"]) == {"code", "prose", "all"}
+    random = result[(result["method"] == "random") & (result["label"] == "all")]
+    assert random["std"].notna().all() and result.loc[result["method"] != "random", "std"].isna().all()
+    with torch.no_grad():  # the reported loss of one plan equals a direct steered computation
+        ids = torch.tensor([tok(held_out[0]["text"])["input_ids"]])
+        layout = model_layout(model)
+        from moelens.analysis.importance import reap
+
+        plan = plan_from_scores(reap(store, run), layout, 0.5)
+        with steer(model, disable=plan.removed, mode="reroute"):
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])
+    got = result.query("keep == 0.5 and method == 'reap' and label == 'code'")["loss"].iloc[0]
+    assert got == pytest.approx(-float(logp.mean()), rel=1e-5)
+    table = markdown_table(result, 0.5)
+    assert table.splitlines()[0] == "| keep 50% | code | prose | all |" and "± " in table
