@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
     from moelens.steering.cli import steer
 
     app.command("steer")(steer)
+    from moelens.pruning.cli import prune
+
+    app.command("prune")(prune)
 
 
 def _parse_params(params: list[str]) -> dict:
