@@ -117,3 +117,20 @@ def test_recorded_tables_join_routing_rank_by_rank(store, generate) -> None:
     assert len(joined) == n_tokens * 2 * 2 and joined["norm"].notna().all()
     cos = store.query("SELECT count(*) AS n, min(cos) AS lo, max(cos) AS hi FROM block_residuals WHERE run_id = ?", [run])
     assert cos["n"][0] == n_tokens * 2 and -1 <= cos["lo"][0] <= cos["hi"][0] <= 1.0001
+
+
+def test_granite_cosine_uses_what_the_layer_adds_to_the_residual() -> None:
+    """GraniteMoE adds residual_multiplier x the MoE output; with no shared expert x + r is the layer's output."""
+    model, _ = tiny_model("granitemoe", residual_multiplier=0.5)
+    info = find_routers(model)
+    layer = model.model.layers[info.sites[0].block]
+    seen: dict = {}
+    hooks = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             layer.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad(), RoutingCapture(model, info, contributions=True) as capture:
+        model(**_inputs(model))
+        call = capture.contributions.pop()[0]
+    for h in hooks:
+        h.remove()
+    x, out = (seen[k].reshape(-1, seen[k].shape[-1]) for k in ("x", "out"))
+    torch.testing.assert_close(call.cos, F.cosine_similarity(x, out, dim=-1), rtol=1e-5, atol=1e-6)

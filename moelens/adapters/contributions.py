@@ -106,13 +106,16 @@ class ContributionCapture:
         layer_module = self.model.get_submodule(block_name.rpartition(".")[0])
         state: dict[str, Any] = {}
         self._hook_residual(site, block, layer_module, state)
+        # GraniteMoE adds residual_multiplier · (MoE output) to the stream: r is what is added.
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        scale = float(getattr(config, "residual_multiplier", 1.0) or 1.0)
 
         def finish(weights: torch.Tensor, norms: torch.Tensor, routed: torch.Tensor) -> None:
             x = state.pop("x", None)
             if x is None or x.numel() != routed.numel():
                 raise RuntimeError(f"layer {site.layer}: the residual entering the MoE block was not seen")
             x = x.detach().reshape(routed.shape).float()
-            cos = F.cosine_similarity(x, x + routed.detach().float(), dim=-1)
+            cos = F.cosine_similarity(x, x + scale * routed.detach().float(), dim=-1)
             self._calls.append(ContributionCall(site.layer, weights.detach().float(), norms.detach().float(), cos))
 
         experts = block.experts

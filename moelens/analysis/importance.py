@@ -61,11 +61,14 @@ def _softmax_gate(rows: pd.DataFrame, renorm: bool) -> np.ndarray:
     logits = rows["logits"].to_numpy()
     if len(logits) and any(v is None for v in logits):
         raise InputError("the softmax gate needs router logits for every token: record the run with --logits")
+    experts = rows["expert"].to_numpy().astype(np.int64)
+    lengths = np.fromiter((len(z) for z in logits), np.int64, len(logits))
     gate = np.empty(len(rows))
-    for i, (z, e) in enumerate(zip(logits, rows["expert"].to_numpy())):
-        z = np.asarray(z, np.float64)
-        p = np.exp(z - z.max())
-        gate[i] = p[e] / p.sum()
+    for n in np.unique(lengths):  # layers may differ in E: one vectorised softmax per width
+        at = np.flatnonzero(lengths == n)
+        z = np.stack([np.asarray(logits[i], np.float64) for i in at])
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        gate[at] = p[np.arange(len(at)), experts[at]] / p.sum(axis=1)
     if renorm:
         _, token = np.unique(rows[["seq_id", "pos", "layer"]].to_numpy(), axis=0, return_inverse=True)
         gate /= np.bincount(token.ravel(), weights=gate)[token.ravel()]
