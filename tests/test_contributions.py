@@ -134,3 +134,19 @@ def test_granite_cosine_uses_what_the_layer_adds_to_the_residual() -> None:
         h.remove()
     x, out = (seen[k].reshape(-1, seen[k].shape[-1]) for k in ("x", "out"))
     torch.testing.assert_close(call.cos, F.cosine_similarity(x, out, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_recompute_gives_the_same_norms(monkeypatch) -> None:
+    from moelens.adapters import contributions
+
+    model, _ = tiny_model("olmoe")
+    info = find_routers(model)
+
+    def norms() -> torch.Tensor:
+        with torch.no_grad(), RoutingCapture(model, info, contributions=True) as capture:
+            model(**_inputs(model))
+            return torch.cat([c.norms for c in capture.contributions.pop()])
+
+    whole = norms()
+    monkeypatch.setattr(contributions, "SLOT_CHUNK", 5)  # 48 slots per layer -> 10 chunks, the last one short
+    torch.testing.assert_close(norms(), whole, rtol=1e-6, atol=1e-6)

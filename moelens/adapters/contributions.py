@@ -52,12 +52,19 @@ def check_supported(info: MoEInfo) -> None:
         )
 
 
-def _per_slot_outputs(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``f_j(x)`` for every (row, slot) from the fused module's own forward: one slot per copied row, gate 1."""
+#: Copied rows per recompute call: bounds the extra memory to a few such blocks of [rows, H] activations.
+SLOT_CHUNK = 16_384
+
+
+def _slot_norms(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``‖f_j(x)‖₂`` for every (row, slot) from the fused module's own forward: one slot per copied row, gate 1,
+    in chunks of `SLOT_CHUNK` copied rows so long batches never hold all T·k expert outputs at once."""
     n, k = index.shape
     rows = hidden.reshape(n, -1).repeat_interleave(k, dim=0)
-    out = experts.forward(rows, index.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1))
-    return out.reshape(n, k, -1)
+    slots, ones = index.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+    norms = [experts.forward(rows[i:i + SLOT_CHUNK], slots[i:i + SLOT_CHUNK], ones[i:i + SLOT_CHUNK])
+             .reshape(-1, rows.shape[-1]).float().norm(dim=-1) for i in range(0, n * k, SLOT_CHUNK)]
+    return torch.cat(norms).view(n, k)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -157,7 +164,7 @@ def _fused_hook(site: RouterSite, block: nn.Module, state: dict, finish: Finish,
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         hidden, index, weights = args[:3]
-        norms = _per_slot_outputs(module, hidden, index, weights).float().norm(dim=-1)
+        norms = _slot_norms(module, hidden, index, weights)
         finish(weights, norms, output.reshape(index.shape[0], -1))
 
     return hook
