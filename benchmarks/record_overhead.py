@@ -70,6 +70,7 @@ def forward_overhead(device: str, reps: int, shape: str = "demo", dtype: str = "
             model(ids, use_cache=False)
         rows.offsets.clear()
         routing_columns(capture.pop(), rows)
+        capture.contribution_columns(rows)
         sync()
         return time.perf_counter() - t
 
@@ -77,13 +78,17 @@ def forward_overhead(device: str, reps: int, shape: str = "demo", dtype: str = "
         plain()
         with RoutingCapture(model, info) as capture:
             recorded(capture)
-    plain_t, rec_t = [], []
+    plain_t, rec_t, contrib_t = [], [], []
     for _ in range(reps):
         plain_t.append(plain())
         with RoutingCapture(model, info) as capture:
             rec_t.append(recorded(capture))
-    return {"plain_ms": statistics.median(plain_t) * 1e3, "recorded_ms": statistics.median(rec_t) * 1e3,
-            "ratio": statistics.median(rec_t) / statistics.median(plain_t)}
+        with RoutingCapture(model, info, contributions=True) as capture:
+            contrib_t.append(recorded(capture))
+    base = statistics.median(plain_t)
+    return {"plain_ms": base * 1e3, "recorded_ms": statistics.median(rec_t) * 1e3,
+            "ratio": statistics.median(rec_t) / base, "contrib_ms": statistics.median(contrib_t) * 1e3,
+            "contrib_ratio": statistics.median(contrib_t) / base}
 
 
 def write_throughput(n_tokens: int = 1_000_000, n_layers: int = 16, k: int = 2, n_experts: int = 16,
@@ -140,6 +145,9 @@ def main() -> None:
         f"hidden {m['hidden_size']}, batch {b['batch']} x {b['seq']} | {fwd['plain_ms']:.2f} ms | |",
         f"| recorded forward (hooks + store columns) | {fwd['recorded_ms']:.2f} ms | |",
         f"| **ratio recorded / plain** | **{fwd['ratio']:.3f}** | <= 1.05 |",
+        f"| recorded with `contributions=True` (expert output norms recomputed, residual cosines) | "
+        f"{fwd['contrib_ms']:.2f} ms | |",
+        f"| **ratio contributions / plain** | **{fwd['contrib_ratio']:.3f}** | one extra experts pass |",
     ]
     if not args.skip_write:
         wr = write_throughput()

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from moelens.store import TraceStore  # noqa: E402  (no torch on this path)
 
-__all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "record", "steer", "steering", "viz"]
+__all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "prune", "pruning", "record", "steer", "steering", "viz"]
 
 
 def load(name_or_path: str, **kwargs: Any):
@@ -42,8 +42,15 @@ def steer(model: Any, spec: Any = None, **kwargs: Any):
     return _steer(model, spec, **kwargs)
 
 
+def prune(model: Any, store: Any, run: int, **kwargs: Any):
+    """Choose experts to keep by an importance score of a recorded run; with ``out=`` write the pruned checkpoint."""
+    from moelens.pruning.prune import prune as _prune
+
+    return _prune(model, store, run, **kwargs)
+
+
 #: Sub-packages loaded on first attribute access (``ml.viz``, ``ml.steering``, ...), so ``import moelens`` stays light.
-_LAZY = ("analysis", "viz", "steering", "demo", "recording", "adapters")
+_LAZY = ("analysis", "viz", "steering", "demo", "recording", "adapters", "pruning")
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from moelens.adapters.contributions import ContributionCapture, contribution_columns
 from moelens.adapters.discovery import MoEInfo, RouterSite, find_routers
 from moelens.adapters.families import DBRX, JETMOE, LLAMA4, STANDARD, SWITCH
 
@@ -182,10 +183,12 @@ class RoutingCapture:
     Hooks are always removed on exit, also when the forward raised.
     """
 
-    def __init__(self, model: nn.Module, info: MoEInfo | None = None, *, logits: bool = False) -> None:
+    def __init__(self, model: nn.Module, info: MoEInfo | None = None, *, logits: bool = False,
+                 contributions: bool = False) -> None:
         self.model = model
         self.info = info if info is not None else find_routers(model)
         self.logits = logits
+        self.contributions = ContributionCapture(model, self.info) if contributions else None
         self._calls: list[RouterCall] = []
         self._handles: list[RemovableHandle] = []
 
@@ -193,13 +196,23 @@ class RoutingCapture:
         try:
             for site in self.info.sites:
                 self._hook_site(site)
+            if self.contributions is not None:
+                self.contributions.__enter__()
         except BaseException:
-            self._remove()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
+        if self.contributions is not None:
+            self.contributions.__exit__()
+
+    def contribution_columns(self, rows: Any) -> dict[str, dict]:
+        """``expert_contributions`` / ``block_residuals`` columns for the rows of ``rows`` (a RowMap); {} when off."""
+        if self.contributions is None:
+            return {}
+        return contribution_columns(self.contributions.pop(), rows.seq_id, rows.pos, rows.keep)
 
     def pop(self) -> list[RouterCall]:
         """The calls recorded since the last pop, in call order, on the CPU."""

@@ -13,6 +13,7 @@ from moelens.analysis.coactivation import coactivation
 from moelens.analysis.committee import audit_committee, committee_lists, committee_lists_from_long, committee_share, standing_committee
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.domain import domain_specialization, domain_summary
+from moelens.analysis.importance import easy_ep, ean, esft, frequency, man, reap
 from moelens.analysis.load import expert_load, layer_balance, shared_expert_stats
 from moelens.analysis.loading import clear_cache
 from moelens.analysis.maps import expert_map, expert_profiles, token_map
@@ -27,6 +28,12 @@ from moelens.analysis.transitions import cross_layer_consistency, cross_layer_tr
 from moelens.analysis.vocabulary import expert_top_tokens, vocabulary_by_expert, vocabulary_specialization
 
 __all__ = [
+    "easy_ep",
+    "ean",
+    "esft",
+    "frequency",
+    "man",
+    "reap",
     "PHASES",
     "SCORES",
     "ParamSpec",

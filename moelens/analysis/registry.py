@@ -14,6 +14,7 @@ from moelens.analysis.agreement import run_agreement
 from moelens.analysis.coactivation import VARIANTS, coactivation
 from moelens.analysis.committee import ECI_VARIANTS, UNITS, committee_share, standing_committee
 from moelens.analysis.domain import domain_specialization, domain_summary
+from moelens.analysis.importance import ESFT_BY, GATES, easy_ep, ean, esft, frequency, man, reap
 from moelens.analysis.load import expert_load, layer_balance, shared_expert_stats
 from moelens.analysis.maps import PROFILES, expert_map, token_map
 from moelens.analysis.npmi import npmi, npmi_combined
@@ -176,6 +177,23 @@ _ENTRIES = (
               (ParamSpec("label_a", "str", None, "behaviour 1 label"), ParamSpec("label_b", "str", None, "behaviour 2 label"),
                ParamSpec("run_b", "int", None, "behaviour 2 from this run"), ParamSpec("equalize", "bool", False, "same token count"),
                _PHASE), needs="two labels or a second run"),
+    ScoreSpec("reap", reap, "REAP pruning saliency: mean over routed tokens of gate x expert output norm.",
+              "REAP, arXiv 2510.13999 (CerebrasResearch/reap)",
+              (ParamSpec("gate", "str", "used", "the model's weights, or softmax of the logits (renormalised)", GATES),
+               _PHASE, _LABEL), needs="contributions (and logits for a softmax gate)"),
+    ScoreSpec("ean", ean, "EAN: summed expert output norm over routed tokens.", "REAP, arXiv 2510.13999",
+              (_PHASE, _LABEL), needs="contributions"),
+    ScoreSpec("man", man, "MAN: mean expert output norm over routed tokens.", "arXiv 2606.15716", (_PHASE, _LABEL),
+              needs="contributions"),
+    ScoreSpec("frequency", frequency, "Pruning baseline: routed-slot count (or gate mass) per expert.",
+              "frequency baseline, REAP arXiv 2510.13999",
+              (ParamSpec("weighted", "bool", False, "rank by gate mass instead of count"), _PHASE, _LABEL)),
+    ScoreSpec("easy_ep", easy_ep, "EASY-EP: gate x output norm x max(1 - cos(x, x + r), 0), summed.",
+              "EASY-EP, arXiv 2504.06792", (_PHASE, _LABEL), needs="contributions"),
+    ScoreSpec("esft", esft, "ESFT gate / token relevance with the cumulative top-p keep rule.",
+              "ESFT, arXiv 2407.01906 (deepseek-ai/ESFT)",
+              (ParamSpec("by", "str", "gate", "which relevance ranks", ESFT_BY),
+               ParamSpec("top_p", "float", 0.2, "keep until the cumulative relevance reaches this"), _PHASE, _LABEL)),
     ScoreSpec("expert_map", expert_map, "UMAP of (layer, expert) label or token profiles.", "[moelens]",
               (ParamSpec("profile", "str", "label", "what places an expert", PROFILES), ParamSpec("seed", "int", 0, "UMAP seed"), _PHASE)),
     ScoreSpec("token_map", token_map, "UMAP of router-logit vectors of sampled tokens at one layer.", "[moelens]",

@@ -43,6 +43,7 @@ def record(
     dtype: str = dtype_option(),
     revision: Optional[str] = revision_option(),
     logits: bool = typer.Option(False, "--logits", help="Also store full router logits (large)."),
+    contributions: bool = typer.Option(False, "--contributions", help="Also store expert output norms and block residual cosines (for the pruning scores; about one more experts pass)."),
     trust_remote_code: bool = trust_remote_code_option(),
     allow_random_router: bool = allow_random_router_option(),
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
@@ -66,7 +67,7 @@ def record(
                              read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                         max_sequences=max_sequences, logits=logits, generate=generate, chat=chat,
-                        add_special_tokens=add_special_tokens, name=name, model_name=model_name)
+                        add_special_tokens=add_special_tokens, contributions=contributions, name=name, model_name=model_name)
     info = store.runs().set_index("run_id").loc[run_id]
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
     empty = (store.run(run_id).get("metadata") or {}).get("empty_documents", 0)

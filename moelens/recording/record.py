@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from moelens.adapters import MoEInfo, RoutingCapture, find_routers, unwrap
+from moelens.adapters.contributions import check_supported
 from moelens.errors import InputError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
@@ -42,6 +43,7 @@ def record(
     max_tokens: int | None = None,
     max_sequences: int | None = None,
     logits: bool = False,
+    contributions: bool = False,
     generate: int | dict[str, Any] | None = None,
     chat: bool = False,
     add_special_tokens: bool = True,
@@ -64,6 +66,8 @@ def record(
     plain texts get the tokenizer's BOS/EOS. Token texts follow the convention of `moelens.recording.tokenize`
     (special tokens spell ``""`` and are named in ``tokens.special``). Empty documents are skipped and
     counted in the run's ``metadata["empty_documents"]``.
+    ``contributions=True`` also stores each routed expert's output norm and each MoE block's residual cosine
+    (tables ``expert_contributions``, ``block_residuals``) for the pruning scores.
 
     ``generate=N`` (or a dict of ``generate`` keyword arguments: a ``GenerationConfig``, stopping criteria and
     logits processors included; the metadata keeps a readable summary) records each input as a prompt
@@ -75,6 +79,8 @@ def record(
     model = unwrap(model)  # record the torch module an nnsight wrapper runs
     info = find_routers(model)
     n_rows = _check_vocabulary(tokenizer, model)
+    if contributions:
+        check_supported(info)  # refuse before a run exists
     gen_kwargs = _generate_kwargs(generate)
     if gen_kwargs is not None and info.is_encoder_decoder:
         raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
@@ -93,11 +99,11 @@ def record(
 
     run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
                     "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
-                    "add_special_tokens": add_special_tokens}
+                    "add_special_tokens": add_special_tokens, "contributions": contributions}
     run_id = store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
-        **_run_fields(model, info),
+        **run_fields(model, info),
         parent_run_id=parent_run_id,
         intervention=intervention,
         metadata=run_metadata,
@@ -106,7 +112,7 @@ def record(
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
     bar = _progress(progress, max_tokens)
     try:
-        with torch.inference_mode(), RoutingCapture(model, info, logits=logits) as capture:
+        with torch.inference_mode(), RoutingCapture(model, info, logits=logits, contributions=contributions) as capture:
             all_chunks = itertools.chain([first], chunks)
             if gen_kwargs is None:
                 for batch in _batched(all_chunks, batch_size):
@@ -148,7 +154,7 @@ def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture,
         pos=np.tile(np.arange(width, dtype=np.int32), len(batch)),
         keep=keep,
     )
-    tables = routing_columns(capture.pop(), rows)
+    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
     rows.check_complete([s.layer for s in info.sites])
     predicted = out.logits.argmax(-1).reshape(-1).cpu().numpy()[keep]
     tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(predicted, type=pa.int32()))
@@ -181,7 +187,7 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])
     rows = RowMap(seq_id=np.full(n_total, seq_id, dtype=np.int32), pos=np.arange(n_total, dtype=np.int32),
                   keep=np.ones(n_total, dtype=bool))
-    tables = routing_columns(capture.pop(), rows)
+    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
     rows.check_complete([s.layer for s in info.sites])
 
     step_logits = [*out.logits, last.logits[:, -1]]
@@ -262,7 +268,8 @@ def routing_fields(info: MoEInfo) -> dict[str, Any]:
     }
 
 
-def _run_fields(model: Any, info: MoEInfo) -> dict[str, Any]:
+def run_fields(model: Any, info: MoEInfo) -> dict[str, Any]:
+    """Every model-describing run field: the MoE layout plus revision (or router-weight hash), dtype and device."""
     param = next(model.parameters())
     return {
         **routing_fields(info),

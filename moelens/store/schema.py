@@ -101,6 +101,23 @@ DDL: tuple[str, ...] = (
         layer SMALLINT NOT NULL,
         gate FLOAT
     )""",
+    # Optional (recorded with --contributions): ‖f_j(x)‖₂ of the expert in routing slot ``rank`` before gating,
+    # and cos(x, x + r) of the residual entering the MoE block and after the routed experts are added.
+    """CREATE TABLE IF NOT EXISTS expert_contributions (
+        run_id INTEGER NOT NULL,
+        seq_id INTEGER NOT NULL,
+        pos INTEGER NOT NULL,
+        layer SMALLINT NOT NULL,
+        rank UTINYINT NOT NULL,
+        norm FLOAT
+    )""",
+    """CREATE TABLE IF NOT EXISTS block_residuals (
+        run_id INTEGER NOT NULL,
+        seq_id INTEGER NOT NULL,
+        pos INTEGER NOT NULL,
+        layer SMALLINT NOT NULL,
+        cos FLOAT
+    )""",
 )
 
 #: Nullable columns added to version-1 tables: a file written before them gains them in place when it is
@@ -109,7 +126,8 @@ DDL: tuple[str, ...] = (
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("tokens", "special", "VARCHAR"),)
 
 #: Tables that hold per-run rows (deleted with the run, exported with it). ``runs`` itself is last.
-RUN_TABLES = ("layers", "sequences", "tokens", "routing", "router_logits", "shared_experts")
+RUN_TABLES = ("layers", "sequences", "tokens", "routing", "router_logits", "shared_experts",
+              "expert_contributions", "block_residuals")
 
 #: Arrow schemas used for appends: the recorder builds batches with exactly these types.
 ARROW_SCHEMAS: dict[str, pa.Schema] = {
@@ -175,6 +193,25 @@ ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("pos", pa.int32()),
             ("layer", pa.int16()),
             ("gate", pa.float32()),
+        ]
+    ),
+    "expert_contributions": pa.schema(
+        [
+            ("run_id", pa.int32()),
+            ("seq_id", pa.int32()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("rank", pa.uint8()),
+            ("norm", pa.float32()),
+        ]
+    ),
+    "block_residuals": pa.schema(
+        [
+            ("run_id", pa.int32()),
+            ("seq_id", pa.int32()),
+            ("pos", pa.int32()),
+            ("layer", pa.int16()),
+            ("cos", pa.float32()),
         ]
     ),
 }
