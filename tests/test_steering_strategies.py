@@ -16,6 +16,7 @@ import torch
 
 from moelens import TraceStore
 from moelens.adapters import RoutingCapture, find_routers
+from moelens.analysis.experts_per_token import experts_per_token
 from moelens.adapters.routing import SOFTMAX, SIGMOID_BIAS, TOPK_SIGMOID, TOPK_SOFTMAX, RoutingRule, padding_slots, route
 from moelens.errors import SteeringError
 from moelens.recording.record import record
@@ -233,3 +234,6 @@ def test_recorded_runs_store_k_slots_and_variable_top_p_slots(model_type: str, s
     tokens = strategies_store.query("SELECT count(*) AS n FROM tokens WHERE run_id = ?", [run_p])["n"][0]
     assert len(moe) == tokens * (len(find_routers(model).sites) - len(fixed))  # every token has its rank-0 row
     assert strategies_store.run(run_p)["intervention"]["top_p"] == [[-1, 0.3]]
+    per_token = experts_per_token(strategies_store, run_p)  # the analysis reads the variable ranks back
+    means = per_token.groupby("layer")["mean_experts"].first()
+    assert means.to_dict() == pytest.approx(rows.groupby("layer")["n"].mean().to_dict())
