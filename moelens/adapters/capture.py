@@ -52,13 +52,13 @@ def _standard(out: tuple[torch.Tensor, ...], site: RouterSite) -> Decoded:
 
 
 def _llama4(out: tuple[torch.Tensor, torch.Tensor], site: RouterSite) -> Decoded:
-    """Dense sigmoid scores (0 where unselected): the router's own top-k on its logits picks the slots.
+    """Dense sigmoid scores, > 0 exactly for the selected experts: their top-k are the slots.
 
     k is read from the router at call time (a steering context may change it); a slot whose expert got score 0
     received a zero input, so it is marked as padding (`moelens.adapters.routing.padding_slots`), not as routed.
     """
     scores, logits = out
-    experts = torch.topk(logits, site.module.top_k, dim=1).indices
+    experts = torch.topk(scores, site.module.top_k, dim=1).indices
     weights = scores.gather(1, experts)
     unrouted = weights == 0
     unrouted[:, 0] = False

@@ -129,19 +129,24 @@ def _scores(logits: torch.Tensor, rule: RoutingRule,
 
 
 def route(logits: torch.Tensor, rule: RoutingRule, *, k: int | None = None, top_p: float | None = None,
-          k_max: int | None = None, bias: torch.Tensor | None = None,
+          k_max: int | None = None, only_rank: int | None = None, bias: torch.Tensor | None = None,
           weight_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, n], experts [T, n])`` of ``rule`` applied to router ``logits`` [T, E].
 
-    Either ``k`` (top-k, ``n = k``) or ``top_p`` (``n = k_max``, default E): each token keeps the smallest prefix of
-    its experts, in the rule's own selection order, whose ``mass`` reaches ``top_p``; slots beyond it are padding
-    (`padding_slots`). ``bias`` is the router's ``e_score_correction_bias``; ``weight_dtype`` the dtype the model's
-    own weights have (the rule says whether it casts).
+    One of ``k`` (top-k, ``n = k``); ``top_p`` (``n = k_max``, default E): each token keeps the smallest prefix of
+    its experts, in the rule's own selection order, whose ``mass`` reaches ``top_p``, slots beyond it are padding
+    (`padding_slots`); ``only_rank`` (``n = 1``): the expert ranked r-th (1 = first), weighted as a one-expert
+    selection. ``bias`` is the router's ``e_score_correction_bias``; ``weight_dtype`` the dtype the model's own
+    weights have (the rule says whether it casts).
     """
     choice, value, mass, candidates = _scores(logits, rule, bias)
     n_experts = logits.shape[-1]
     width = k if top_p is None else min(k_max or n_experts, n_experts)
+    if only_rank is not None:
+        width = only_rank
     order = torch.topk(choice, k=width, dim=-1).indices  # descending; ties as the models' own topk breaks them
+    if only_rank is not None:
+        order = order[:, -1:]
     if top_p is None:
         chosen = torch.ones_like(order, dtype=torch.bool)
     else:

@@ -177,8 +177,8 @@ class _ModelSteering:
         device = site.logit_weight.device  # moved once here, not on every router call
         if edit.scale is not None:  # before the logit hooks: prepended later, leaving the logit mode runs first
             self._hook_scale(site, router, edit.scale.to(device))
-        if edit.top_p is not None:  # after the scale hook: prepended later, it re-routes before scales apply
-            self._hook_top_p(site, router, edit.top_p, edit.top_k)
+        if edit.reroute() is not None:  # after the scale hook: prepended later, it re-routes before scales apply
+            self._hook_reroute(site, router, edit.reroute())
         if edit.offset is not None:
             self._hook_logits(router, site.logit_weight.shape, edit.offset.to(device))
         if edit.bias is not None and site.correction_bias is not None:
@@ -222,13 +222,12 @@ class _ModelSteering:
 
         self._handles.append(router.register_forward_hook(scale_output, prepend=True))
 
-    def _hook_top_p(self, site: RouterSite, router: nn.Module, top_p: float, k_max: int) -> None:
-        """Re-route every call with the router's own rule and a per-token set size (padding slots weigh 0)."""
+    def _hook_reroute(self, site: RouterSite, router: nn.Module, how: dict) -> None:
+        """Re-route every call with the router's own rule and another selection (top-p: padding slots weigh 0)."""
         bias = site.correction_bias
 
         def decision(logits: torch.Tensor, weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            return route(logits.reshape(-1, logits.shape[-1]), site.rule, top_p=top_p, k_max=k_max, bias=bias,
-                         weight_dtype=weights_dtype)
+            return route(logits.reshape(-1, logits.shape[-1]), site.rule, bias=bias, weight_dtype=weights_dtype, **how)
 
         if site.family == DBRX:  # logits come from the router; the block's top-k result reaches the experts
             seen: list[torch.Tensor] = []

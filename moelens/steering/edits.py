@@ -8,7 +8,8 @@ The edits are architecture-independent vectors over a router's experts (transfor
   so a -inf logit alone leaves a large-bias expert selected with weight 0 (§6.3); -inf / +1e4 like ``offset``;
 * ``scale`` — multiplies the gate weights at the experts' inputs (gate_scale β, and 0 for ``mode="zero"``);
 * ``top_k`` — the router's experts per token (its own routing function with another k);
-* ``top_p`` / ``k_max`` — dynamic routing: the router's rule with a per-token set size (`moelens.adapters.routing`).
+* ``top_p`` / ``k_max`` — dynamic routing: the router's rule with a per-token set size (`moelens.adapters.routing`);
+* ``only_rank`` — the router's rule with one expert per token, the one it ranks r-th.
 
 Nested `steer` contexts combine their edits (`combine`): offsets and biases add (so -inf wins over a force),
 scales multiply, the innermost experts-per-token setting (``top_k`` or ``top_p``) wins. Checks that depend on the combination (how many experts are
@@ -40,6 +41,15 @@ class SiteEdit:
     scale: torch.Tensor | None = None
     top_k: int | None = None
     top_p: float | None = None  #: with top_p, ``top_k`` holds k_max (the slots every token's routing fills)
+    only_rank: int | None = None  #: with only_rank, ``top_k`` is 1
+
+    def reroute(self) -> dict | None:
+        """Keyword arguments of `moelens.adapters.routing.route` when the router's decision is recomputed."""
+        if self.top_p is not None:
+            return {"top_p": self.top_p, "k_max": self.top_k}
+        if self.only_rank is not None:
+            return {"only_rank": self.only_rank}
+        return None
 
 
 def compile_spec(spec: SteeringSpec, info: MoEInfo) -> dict[int, SiteEdit]:
@@ -87,9 +97,9 @@ def compile_spec(spec: SteeringSpec, info: MoEInfo) -> dict[int, SiteEdit]:
         offset(*edit(layer, expert), expert, value)
     for (layer, expert), beta in spec.gate_scale:
         scale(*edit(layer, expert), expert, beta)
-    for layer in {layer for layer, _ in (*spec.top_k, *spec.top_p, *spec.k_max)} - {-1}:
+    for layer in {layer for layer, _ in (*spec.top_k, *spec.top_p, *spec.k_max, *spec.only_rank)} - {-1}:
         _site(info, layer)  # a per-layer value for a layer without a router
-    explicit = {layer for layer, _ in (*spec.top_k, *spec.top_p)}
+    explicit = {layer for layer, _ in (*spec.top_k, *spec.top_p, *spec.only_rank)}
     for site in info.sites:
         count = spec.experts_per_token(site.layer)
         if count is None or (site.fixed_k and site.layer not in explicit):
@@ -98,9 +108,12 @@ def compile_spec(spec: SteeringSpec, info: MoEInfo) -> dict[int, SiteEdit]:
         e = edits.setdefault(site.layer, SiteEdit())
         if how == "k":
             e.top_k = check_top_k(site, int(value))
+        elif how == "p":
+            e.top_k, e.top_p = check_rerouting(site, "top_p", k_max), float(value)
         else:
-            e.top_k, e.top_p = check_top_p(site, k_max), float(value)
-    if (spec.top_k or spec.top_p) and not any(e.top_k for e in edits.values()):
+            check_rerouting(site, "only_rank", int(value))
+            e.top_k, e.only_rank = 1, int(value)
+    if (spec.top_k or spec.top_p or spec.only_rank) and not any(e.top_k for e in edits.values()):
         why = "; ".join(sorted({site.fixed_k for site in info.sites if site.fixed_k}))
         raise SteeringError(f"cannot change the experts per token of any layer of this model: {why}")
     return edits
@@ -116,7 +129,7 @@ def combine(stack: Iterable[dict[int, SiteEdit]]) -> dict[int, SiteEdit]:
             c.bias = _join(c.bias, e.bias, torch.add)
             c.scale = _join(c.scale, e.scale, torch.mul)
             if e.top_k is not None:
-                c.top_k, c.top_p = e.top_k, e.top_p
+                c.top_k, c.top_p, c.only_rank = e.top_k, e.top_p, e.only_rank
     return out
 
 
@@ -144,12 +157,14 @@ def check_top_k(site: RouterSite, k: int) -> int:
     return k
 
 
-def check_top_p(site: RouterSite, k_max: int | None) -> int:
-    """The slots per token (k_max, default E) if moelens can re-run this router's rule with a free set size."""
+def check_rerouting(site: RouterSite, what: str, k: int | None) -> int:
+    """``k`` (default E, at most E) if moelens can re-run this router's rule with another selection."""
     if site.fixed_k or site.rule is None:
         why = site.fixed_k or "moelens has no re-implementation of its routing function"
-        raise SteeringError(f"cannot route layer {site.layer} with top_p: {why}")
-    return check_top_k(site, site.n_experts if k_max is None else min(k_max, site.n_experts))
+        raise SteeringError(f"cannot route layer {site.layer} with {what}: {why}")
+    if what == "only_rank":
+        return check_top_k(site, k)
+    return check_top_k(site, site.n_experts if k is None else min(k, site.n_experts))
 
 
 def _join(a: torch.Tensor | None, b: torch.Tensor | None, op) -> torch.Tensor | None:

@@ -112,7 +112,10 @@ class SteeringSpec:
       construction (PhiMoE, Switch, JetMoE's attention experts).
     * ``top_p`` / ``k_max`` — dynamic routing (Huang et al. 2024, arXiv:2403.07652): each token takes the smallest
       set of experts, in the router's own order, whose probability mass reaches p, at most ``k_max`` (default E),
-      weighted as the model weights its selection. Global or per layer like ``top_k``; a layer takes one of the two.
+      weighted as the model weights its selection. Global or per layer like ``top_k``.
+    * ``only_rank`` — route each token to one expert only: the one its router ranks r-th (1 = its first choice),
+      weighted as the model weights a one-expert selection. The "weak" model of SCMoE self-contrast decoding
+      (Shi et al. 2024, arXiv:2405.14507). Global or per layer. A layer takes one of top_k, top_p, only_rank.
 
     Constructor arguments are normalised (pairs sorted, mappings frozen into tuples), so two specs that mean the
     same compare equal and serialise to the same JSON.
@@ -126,6 +129,7 @@ class SteeringSpec:
     top_k: tuple[tuple[int, int], ...] = ()
     top_p: tuple[tuple[int, float], ...] = ()
     k_max: tuple[tuple[int, int], ...] = ()
+    only_rank: tuple[tuple[int, int], ...] = ()
     mode: str = "reroute"
     logit_std: tuple[tuple[int, float], ...] = ()
 
@@ -138,6 +142,7 @@ class SteeringSpec:
         set_(self, "top_k", _per_layer(self.top_k, int, "top_k"))
         set_(self, "top_p", _per_layer(self.top_p, float, "top_p"))
         set_(self, "k_max", _per_layer(self.k_max, int, "k_max"))
+        set_(self, "only_rank", _per_layer(self.only_rank, int, "only_rank"))
         set_(self, "logit_std", tuple(sorted((int(layer), float(s)) for layer, s in dict(self.logit_std).items())))
         if self.mode not in MODES:
             raise SteeringError(f"mode must be one of {MODES}, not {self.mode!r}")
@@ -146,44 +151,45 @@ class SteeringSpec:
         both = set(self.disable) & set(self.force)
         if both:
             raise SteeringError(f"experts both disabled and forced: {_fmt(sorted(both))}")
-        bad_k = [(layer, k) for layer, k in (*self.top_k, *self.k_max) if k < 1]
+        bad_k = [(layer, k) for layer, k in (*self.top_k, *self.k_max, *self.only_rank) if k < 1]
         if bad_k:
-            raise SteeringError(f"top_k and k_max must be at least 1, got {dict(bad_k)}")
+            raise SteeringError(f"top_k, k_max and only_rank must be at least 1, got {dict(bad_k)}")
         bad_p = [(layer, p) for layer, p in self.top_p if not 0.0 < p <= 1.0]
         if bad_p:
             raise SteeringError(f"top_p must be in (0, 1], got {dict(bad_p)}")
-        both = {layer for layer, _ in self.top_k} & {layer for layer, _ in self.top_p}
-        if both:
-            raise SteeringError(f"a layer takes top_k or top_p, not both: {sorted(both)} (-1 = every layer)")
+        seen: dict[int, str] = {}
+        for name, values in (("top_k", self.top_k), ("top_p", self.top_p), ("only_rank", self.only_rank)):
+            for layer, _ in values:
+                if layer in seen:
+                    raise SteeringError(f"layer {layer} (-1 = every layer) takes one of top_k, top_p and only_rank, "
+                                        f"not both {seen[layer]} and {name}")
+                seen[layer] = name
         if self.k_max and not self.top_p:
             raise SteeringError("k_max caps top_p routing; pass top_p too (or use top_k for a fixed k)")
 
     def experts_per_token(self, layer: int) -> tuple[str, float, int | None] | None:
-        """``("k", k, None)``, ``("p", p, k_max)`` or None: how many experts ``layer`` routes under this spec."""
-        top_k, top_p, k_max = dict(self.top_k), dict(self.top_p), dict(self.k_max)
-        cap = k_max.get(layer, k_max.get(ALL_LAYERS))
-        if layer in top_k:
-            return "k", top_k[layer], None
-        if layer in top_p:
-            return "p", top_p[layer], cap
-        if ALL_LAYERS in top_k:
-            return "k", top_k[ALL_LAYERS], None
-        if ALL_LAYERS in top_p:
-            return "p", top_p[ALL_LAYERS], cap
+        """``("k", k, None)``, ``("p", p, k_max)``, ``("rank", r, None)`` or None: how ``layer`` chooses its
+        experts under this spec (a value for the layer itself wins over an every-layer one)."""
+        cap = dict(self.k_max).get(layer, dict(self.k_max).get(ALL_LAYERS))
+        for key in (layer, ALL_LAYERS):
+            for how, values in (("k", self.top_k), ("p", self.top_p), ("rank", self.only_rank)):
+                if key in dict(values):
+                    return how, dict(values)[key], cap if how == "p" else None
         return None
 
     # -- views -------------------------------------------------------------------------------------------
 
     @property
     def is_empty(self) -> bool:
-        return not (self.disable or self.force or self.boost or self.gate_scale or self.top_k or self.top_p)
+        return not (self.disable or self.force or self.boost or self.gate_scale or self.top_k or self.top_p
+                    or self.only_rank)
 
     def pairs(self) -> set[Pair]:
         """Every (layer, expert) the spec touches."""
         return {*self.disable, *self.force, *(p for p, _ in self.boost), *(p for p, _ in self.gate_scale)}
 
     def layers(self) -> set[int]:
-        per_layer = {layer for layer, _ in (*self.top_k, *self.top_p, *self.k_max)} - {ALL_LAYERS}
+        per_layer = {layer for layer, _ in (*self.top_k, *self.top_p, *self.k_max, *self.only_rank)} - {ALL_LAYERS}
         return {layer for layer, _ in self.pairs()} | per_layer
 
     def describe(self) -> str:
@@ -198,7 +204,8 @@ class SteeringSpec:
             parts.append("boost " + " ".join(f"{l}:{e}={v:+g}{unit}" for (l, e), v in self.boost))
         if self.gate_scale:
             parts.append("gate_scale " + " ".join(f"{l}:{e}x{v:g}" for (l, e), v in self.gate_scale))
-        for name, values in (("top_k", self.top_k), ("top_p", self.top_p), ("k_max", self.k_max)):
+        for name, values in (("top_k", self.top_k), ("top_p", self.top_p), ("k_max", self.k_max),
+                             ("only_rank", self.only_rank)):
             if values:
                 parts.append(name + " " + " ".join(f"{v:g}" if l == ALL_LAYERS else f"L{l}={v:g}" for l, v in values))
         return " · ".join(parts) or "no change"
@@ -217,6 +224,7 @@ class SteeringSpec:
             "top_k": [[l, k] for l, k in self.top_k],
             "top_p": [[l, p] for l, p in self.top_p],
             "k_max": [[l, k] for l, k in self.k_max],
+            "only_rank": [[l, r] for l, r in self.only_rank],
             "mode": self.mode,
             "logit_std": [[l, s] for l, s in self.logit_std],
         }
@@ -235,7 +243,7 @@ class SteeringSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SteeringError(f"unknown steering spec fields {unknown}; known: {sorted(known)}")
-        for key in ("top_k", "top_p", "k_max", "logit_std"):
+        for key in ("top_k", "top_p", "k_max", "only_rank", "logit_std"):
             if isinstance(data.get(key), (int, float)) and key != "logit_std":
                 continue  # a bare number: every layer
             if key in data and not isinstance(data[key], Mapping):
@@ -265,7 +273,7 @@ class SteeringSpec:
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
             raise SteeringError(f"unknown steering arguments {unknown}; use disable, force, boost, gate_scale, top_k, "
-                                "top_p, k_max, mode, boost_unit or logit_std")
+                                "top_p, k_max, only_rank, mode, boost_unit or logit_std")
         return cls(**{**base, **kwargs})
 
 
