@@ -193,8 +193,10 @@ def open_app(db: Path = DbOption, port: Optional[int] = typer.Option(None, "--po
 def _register_optional() -> None:
     """Sub-commands that live next to their feature (analysis, demo, steering)."""
     from moelens.cli_commands import register
+    from moelens.steering.decode_cli import decode
 
     register(app)
+    app.command("decode")(decode)
 
 
 _register_optional()

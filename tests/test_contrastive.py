@@ -112,3 +112,37 @@ def test_bad_arguments() -> None:
             contrastive_generate(model, tiny_tokenizer(), PROMPTS, max_new_tokens=2, **kwargs)
     with pytest.raises(SteeringError, match="sparsemixer"):
         contrastive_generate(model_for("phimoe"), tiny_tokenizer(), PROMPTS, max_new_tokens=2)
+
+
+def cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from moelens.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue()
+
+
+def test_cli_decode(tmp_path) -> None:
+    import json
+
+    db = tmp_path / "t.duckdb"
+    code, out = cli("decode", "tiny:mixtral", "-t", "the quick", "-t", "2 + 2", "--scmoe", "--beta", "0.5", "-n", "4",
+                    "--db", str(db), "-f", "json")
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["scmoe"] and len(result["outputs"]) == 2 and all(o["n_new"] <= 4 for o in result["outputs"])
+    assert TraceStore(db).run(result["run_id"])["metadata"]["decoding"]["beta"] == 0.5
+    code, out = cli("decode", "tiny:mixtral", "-t", "abc", "--top-p", "0.5", "--k-max", "3", "-n", "3", "-f", "json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["strong"]["top_p"] == [[-1, 0.5]]
+    code, out = cli("decode", "tiny:phimoe", "-t", "abc", "--top-k", "1")
+    assert code == 1 and "sparsemixer" in out and "Traceback" not in out
+    code, out = cli("decode", "tiny:mixtral")
+    assert code == 1 and "no prompts" in out
