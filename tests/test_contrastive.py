@@ -114,24 +114,14 @@ def test_bad_arguments() -> None:
         contrastive_generate(model_for("phimoe"), tiny_tokenizer(), PROMPTS, max_new_tokens=2)
 
 
-def cli(*args: str) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    from moelens.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue()
-
-
 def test_cli_decode(tmp_path) -> None:
     import json
+
+    from test_cli import moelens  # the command line in-process, as the CLI tests run it
+
+    def cli(*args: str) -> tuple[int, str]:
+        proc = moelens(*args, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
 
     db = tmp_path / "t.duckdb"
     code, out = cli("decode", "tiny:mixtral", "-t", "the quick", "-t", "2 + 2", "--scmoe", "--beta", "0.5", "-n", "4",
