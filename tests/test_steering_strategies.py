@@ -237,3 +237,22 @@ def test_recorded_runs_store_k_slots_and_variable_top_p_slots(model_type: str, s
     per_token = experts_per_token(strategies_store, run_p)  # the analysis reads the variable ranks back
     means = per_token.groupby("layer")["mean_experts"].first()
     assert means.to_dict() == pytest.approx(rows.groupby("layer")["n"].mean().to_dict())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral"])
+def test_bf16_models_keep_their_weight_dtype(model_type: str) -> None:
+    model = tiny_model(model_type, dtype=torch.bfloat16)[0]
+    ids = token_ids()
+    experts = find_routers(model).sites[0].experts
+    received: list[torch.dtype] = []
+    handle = experts.register_forward_pre_hook(lambda module, args: received.append(args[2].dtype))
+    base, base_calls = run(model, ids)
+    with steer(model, top_p=0.6, k_max=4):
+        logits, calls = run(model, ids)
+    handle.remove()
+    assert received[0] == received[-1], received  # the experts get the weights in the model's own dtype
+    assert not torch.isnan(logits).any()
+    for layer, call in calls.items():
+        assert call.experts.shape[1] == 4 and bool((n_routed(call) >= 1).all())
+    with steer(model, top_k=2):  # the native k in bf16 too: bitwise the same
+        assert torch.equal(run(model, ids)[0], base)
