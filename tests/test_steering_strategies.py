@@ -256,3 +256,13 @@ def test_bf16_models_keep_their_weight_dtype(model_type: str) -> None:
         assert call.experts.shape[1] == 4 and bool((n_routed(call) >= 1).all())
     with steer(model, top_k=2):  # the native k in bf16 too: bitwise the same
         assert torch.equal(run(model, ids)[0], base)
+
+
+def test_per_layer_values_override_the_every_layer_one() -> None:
+    model = model_for("mixtral")
+    with steer(model, top_k={0: 1, -1: 4}, top_p={1: 0.3}):  # layer 0: k=1; layer 1: top-p (overrides k=4)
+        _, calls = run(model, token_ids())
+    assert bool((n_routed(calls[0]) == 1).all()) and calls[1].experts.shape[1] == 8
+    with steer(model, top_k={1: 3}):
+        _, calls = run(model, token_ids())
+    assert calls[0].experts.shape[1] == 2 and calls[1].experts.shape[1] == 3
