@@ -28,6 +28,7 @@ __all__ = [
     "run_experiment",
     "spec_from_scores",
     "steer",
+    "sweep_routing",
 ]
 
 _LAZY = {
@@ -36,6 +37,7 @@ _LAZY = {
     "contrastive_generate": "moelens.steering.contrastive",
     "run_experiment": "moelens.steering.experiment",
     "ExperimentResult": "moelens.steering.experiment",
+    "sweep_routing": "moelens.steering.sweep",
 }
 
 
