@@ -153,3 +153,8 @@ if res:
     if res.get("control") is not None:
         st.markdown("**Against random controls** (is the effect specific to the chosen experts?)")
         ui.table(res["control"], "steer_control", "moelens_steer_control")
+
+# -- 5. routing strategies (top-k / top-p sweep; the section lives in workbench.strategies_section) ----------
+from workbench import strategies_section  # noqa: E402
+
+strategies_section.render(loaded if steering_ready else None, layout)

@@ -109,10 +109,17 @@ def _standard(out: tuple[torch.Tensor, ...], site: RouterSite) -> Decoded:
 
 
 def _llama4(out: tuple[torch.Tensor, torch.Tensor], site: RouterSite) -> Decoded:
-    """Dense sigmoid scores (0 where unselected): the router's own top-k on its logits picks the slots."""
+    """Dense sigmoid scores, > 0 exactly for the selected experts: their top-k are the slots.
+
+    k is read from the router at call time (a steering context may change it); a slot whose expert got score 0
+    received a zero input, so it is marked as padding (`moelens.adapters.routing.padding_slots`), not as routed.
+    """
     scores, logits = out
-    experts = torch.topk(logits, site.top_k, dim=1).indices
-    return experts, scores.gather(1, experts), logits
+    experts = torch.topk(scores, site.module.top_k, dim=1).indices
+    weights = scores.gather(1, experts)
+    unrouted = weights == 0
+    unrouted[:, 0] = False
+    return torch.where(unrouted, experts[:, :1], experts), weights, logits
 
 
 def _jetmoe(out: tuple[Any, ...], site: RouterSite) -> Decoded:

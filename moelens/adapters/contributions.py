@@ -172,7 +172,8 @@ def _fused_hook(site: RouterSite, block: nn.Module, state: dict, finish: Finish,
 
 def _llama4_hook(site: RouterSite, block: nn.Module, state: dict, finish: Finish, handles: list) -> Callable:
     """Llama4 scales the experts' *input* by the gate and runs all E experts densely: recompute on the unscaled
-    block input, then keep the selected experts (the router's own top-k of its logits, as the capture decodes)."""
+    block input, then keep the selected experts exactly as the routing capture decodes them."""
+    from moelens.adapters.capture import _llama4  # capture imports this module: bind at hook time
 
     def router_hook(module: nn.Module, args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         state["scores"], state["logits"] = output
@@ -183,10 +184,10 @@ def _llama4_hook(site: RouterSite, block: nn.Module, state: dict, finish: Finish
         u = state.pop("u").reshape(-1, output.shape[-1])
         scores, logits = state.pop("scores"), state.pop("logits")
         n_experts = scores.shape[1]
-        index = torch.topk(logits, site.top_k, dim=1).indices
+        index, weights, _ = _llama4((scores, logits), site)  # the slots exactly as the routing capture decodes them
         every = module.forward(u.repeat(n_experts, 1)).view(n_experts, u.shape[0], -1).float().norm(dim=-1)
         routed = output.view(n_experts, u.shape[0], -1).sum(dim=0)
-        finish(scores.gather(1, index), every.T.gather(1, index), routed)
+        finish(weights, every.T.gather(1, index), routed)
 
     return hook
 

@@ -23,6 +23,7 @@ from moelens.adapters.families import (
     describe_routing,
     router_family,
 )
+from moelens.adapters.routing import RoutingRule, fixed_top_k_reason, routing_rule
 from moelens.errors import NotMoEError
 
 _LOGIT_KEYS = ("router_logits", "encoder_router_logits", "decoder_router_logits")
@@ -47,6 +48,12 @@ class RouterSite:
     correction_bias: torch.Tensor | None = None
     shared_gate: nn.Module | None = None
     has_shared_expert: bool = False
+    #: The router's own routing function, re-implementable with another k or top-p (None: moelens has none).
+    rule: RoutingRule | None = None
+    #: Why the number of experts per token is fixed by construction (None: it can change).
+    fixed_k: str | None = None
+    #: The module whose ``top_k`` attribute the routing reads at call time (the router; DBRX: its block).
+    top_k_owner: nn.Module | None = None
 
 
 @dataclass
@@ -229,6 +236,7 @@ def find_routers(model: nn.Module) -> MoEInfo:
         kind = _kind(model, parts, position, is_enc_dec)
         layer = block + {"attention": n_layers, "decoder": n_encoder}.get(kind, 0)
         weight = _logit_weight(router)
+        owner = block_module if family == DBRX else router
         sites.append(
             RouterSite(
                 layer=layer,
@@ -244,6 +252,9 @@ def find_routers(model: nn.Module) -> MoEInfo:
                 correction_bias=_correction_bias(router),
                 shared_gate=getattr(block_module, "shared_expert_gate", None),
                 has_shared_expert=_has_shared_expert(model, name),
+                rule=routing_rule(model_type, router, block_module, text_config, family, kind),
+                fixed_k=fixed_top_k_reason(model_type, family, kind),
+                top_k_owner=owner if isinstance(getattr(owner, "top_k", None), int) else None,
             )
         )
     sites.sort(key=lambda site: site.layer)

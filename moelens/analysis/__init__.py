@@ -14,6 +14,7 @@ from moelens.analysis.committee import audit_committee, committee_lists, committ
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.domain import domain_specialization, domain_summary
 from moelens.analysis.importance import easy_ep, ean, esft, frequency, man, reap
+from moelens.analysis.experts_per_token import experts_per_token
 from moelens.analysis.load import expert_load, layer_balance, shared_expert_stats
 from moelens.analysis.loading import clear_cache
 from moelens.analysis.maps import expert_map, expert_profiles, token_map
@@ -49,6 +50,7 @@ __all__ = [
     "cross_layer_transitions",
     "domain_specialization",
     "domain_summary",
+    "experts_per_token",
     "expert_load",
     "expert_map",
     "expert_profiles",

@@ -15,6 +15,8 @@ from moelens.analysis.coactivation import VARIANTS, coactivation
 from moelens.analysis.committee import ECI_VARIANTS, UNITS, committee_share, standing_committee
 from moelens.analysis.domain import domain_specialization, domain_summary
 from moelens.analysis.importance import ESFT_BY, GATES, easy_ep, ean, esft, frequency, man, reap
+from moelens.analysis.experts_per_token import BY as EPT_BY
+from moelens.analysis.experts_per_token import experts_per_token
 from moelens.analysis.load import expert_load, layer_balance, shared_expert_stats
 from moelens.analysis.maps import PROFILES, expert_map, token_map
 from moelens.analysis.npmi import npmi, npmi_combined
@@ -119,6 +121,10 @@ _COMMITTEE = (
 _ENTRIES = (
     ScoreSpec("expert_load", expert_load, "Routed-slot count, activation rate, load and gate share per (layer, expert).",
               "load statistics (Switch Transformers, arXiv 2101.03961)", (_PHASE, _BY_LABEL)),
+    ScoreSpec("experts_per_token", experts_per_token,
+              "Routed experts per token (dynamic top-p compute): distribution and mean per layer, label or position.",
+              "Huang et al. 2024, arXiv:2403.07652",
+              (_PHASE, ParamSpec("by", "str", "layer", "group tokens by layer only, label or position", EPT_BY))),
     ScoreSpec("layer_balance", layer_balance, "Load entropy, effective experts, max/mean, MaxVio, CV, dead experts per layer.",
               "load statistics; MaxVio: arXiv 2408.15664", (_PHASE,)),
     ScoreSpec("shared_expert_stats", shared_expert_stats, "Shared-expert gate mean/std/min/max per layer.",

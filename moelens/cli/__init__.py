@@ -7,7 +7,7 @@ traceback). Heavy imports (torch, transformers, streamlit) happen inside the com
 Layout: ``common`` (the typer ``app``, consoles, ``--db``/``--format`` options, ``emit``, ``resolve_model``)
 and one module per command group, each registering its commands with ``@app.command()``:
 ``record`` (record), ``runs`` (runs, show, export, delete), ``workbench`` (app), ``analyze`` (analyze),
-``demo`` (demo, demo train, demo corpus), ``steer`` (steer), ``prune`` (prune), ``engine`` (import-engine). A new command goes into its group's module
+``demo`` (demo, demo train, demo corpus), ``steer`` (steer), ``decode`` (decode), ``prune`` (prune), ``engine`` (import-engine). A new command goes into its group's module
 (a new group: a new module, imported below).
 """
 
@@ -23,7 +23,7 @@ from moelens.cli.common import app, err_console
 from moelens.errors import MoelensError
 
 # Importing a group's module registers its commands; `moelens --help` lists them in this order.
-from moelens.cli import record, runs, workbench, analyze, demo, steer, prune, engine  # noqa: E402, F401, I001
+from moelens.cli import record, runs, workbench, analyze, demo, steer, decode, prune, engine  # noqa: E402, F401, I001
 
 __all__ = ["app", "main"]
 

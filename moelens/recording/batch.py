@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from moelens.adapters.routing import padding_slots
+
 
 @dataclass
 class RowMap:
@@ -51,6 +53,7 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
 
     Slots are re-ordered by descending gate weight (stable, so ties keep the model's slot order): DeepSeek
     routers return unsorted indices, and rank-sensitive metrics (first choice, SCH) need a defined order.
+    Padding slots of a variable-size routing (top-p steering) are not stored: such a token has fewer ranks.
     Output arrays are allocated once and filled per call: this runs after every forward, so it is kept to a
     few vectorised passes (most routers already return sorted slots, and then no sort runs at all).
     """
@@ -68,6 +71,7 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
     }
     shared: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "gate")}
     logits: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "pos", "layer", "logits")}
+    present = None  # bool[n_rows] once some call had padding slots
     at = 0
     for call, sl, keep in placed:
         seq, pos = rows.seq_id[sl], rows.pos[sl]
@@ -75,10 +79,12 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
         if keep is not None:
             seq, pos, experts, weights = seq[keep], pos[keep], experts[keep], weights[keep]
         n, k = experts.shape
+        pad = padding_slots(experts, weights) if k > 1 else None
         if k > 1 and not (weights[:, :-1] >= weights[:, 1:]).all():
             order = np.argsort(-weights, axis=1, kind="stable")
             experts = np.take_along_axis(experts, order, axis=1)
             weights = np.take_along_axis(weights, order, axis=1)
+            pad = np.take_along_axis(pad, order, axis=1)
         out = slice(at, at + n * k)
         routing["seq_id"][out] = np.repeat(seq, k)
         routing["pos"][out] = np.repeat(pos, k)
@@ -86,6 +92,11 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
         routing["rank"][out].reshape(n, k)[:] = np.arange(k, dtype=np.uint8)
         routing["expert"][out] = experts.reshape(-1)
         routing["weight"][out] = weights.reshape(-1)
+        if pad is not None and pad.any():
+            if present is None:
+                present = np.ones(n_rows, bool)
+            present[out] = ~pad.reshape(-1)
+            routing["rank"][out] = (np.cumsum(~pad, axis=1) - 1).reshape(-1)
         at += n * k
         for table, values in ((shared, call.shared_gate), (logits, call.logits)):
             if values is not None:
@@ -94,6 +105,8 @@ def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.nda
                 table["pos"].append(pos)
                 table["layer"].append(np.full(n, call.layer, dtype=np.int16))
                 table["gate" if table is shared else "logits"].append(values.astype(np.float32, copy=False))
+    if present is not None:
+        routing = {name: column[present] for name, column in routing.items()}
     out_tables = {"routing": routing if n_rows else {}, "shared_experts": _concat(shared)}
     if logits["logits"]:
         out_tables["router_logits"] = {

@@ -1,4 +1,5 @@
-"""Steering: change which experts a MoE model routes to (disable, force, boost, gate-scale, top-k) and measure it.
+"""Steering: change which experts a MoE model routes to (disable, force, boost, gate-scale, top-k, top-p, one
+ranked expert), measure it, and decode with SCMoE self-contrast (`contrastive_generate`).
 
 ``SteeringSpec`` and the spec builders are plain data and import no torch (the app reads specs stored with runs);
 ``steer``, ``calibrate_logit_std`` and ``run_experiment`` load torch on first use.
@@ -19,6 +20,7 @@ __all__ = [
     "ExperimentResult",
     "SteeringSpec",
     "calibrate_logit_std",
+    "contrastive_generate",
     "parse_pair",
     "parse_pair_value",
     "random_like",
@@ -26,13 +28,16 @@ __all__ = [
     "run_experiment",
     "spec_from_scores",
     "steer",
+    "sweep_routing",
 ]
 
 _LAZY = {
     "steer": "moelens.steering.context",
     "calibrate_logit_std": "moelens.steering.calibrate",
+    "contrastive_generate": "moelens.steering.contrastive",
     "run_experiment": "moelens.steering.experiment",
     "ExperimentResult": "moelens.steering.experiment",
+    "sweep_routing": "moelens.steering.sweep",
 }
 
 

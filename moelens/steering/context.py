@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from moelens.adapters import MoEInfo, RouterSite, find_routers, unwrap
 from moelens.adapters.families import DBRX, JETMOE, LLAMA4, SWITCH
+from moelens.adapters.routing import route, router_output
 from moelens.steering.calibrate import calibrate_logit_std
 from moelens.steering.edits import SiteEdit, check_combined, combine, compile_spec
 from moelens.steering.spec import SteeringSpec
@@ -175,6 +176,8 @@ class _ModelSteering:
         device = site.logit_weight.device  # moved once here, not on every router call
         if edit.scale is not None:  # before the logit hooks: prepended later, leaving the logit mode runs first
             self._hook_scale(site, router, edit.scale.to(device))
+        if edit.reroute() is not None:  # after the scale hook: prepended later, it re-routes before scales apply
+            self._hook_reroute(site, router, edit.reroute())
         if edit.offset is not None:
             self._hook_logits(router, site.logit_weight.shape, edit.offset.to(device))
         if edit.bias is not None and site.correction_bias is not None:
@@ -182,8 +185,8 @@ class _ModelSteering:
             self._saved_bias.append((bias, bias.detach().clone()))
             with torch.no_grad():
                 bias.add_(edit.bias.to(bias))
-        if edit.top_k is not None:
-            owner = router if site.family != DBRX else self.model.get_submodule(site.name.rpartition(".")[0])
+        if edit.top_k is not None:  # the router's own function with another k (with top_p: k_max slots)
+            owner = site.top_k_owner
             self._saved_top_k.append((owner, owner.top_k))
             owner.top_k = edit.top_k
 
@@ -217,3 +220,33 @@ class _ModelSteering:
             return _scale_router_output(site.family, output, scale)
 
         self._handles.append(router.register_forward_hook(scale_output, prepend=True))
+
+    def _hook_reroute(self, site: RouterSite, router: nn.Module, how: dict) -> None:
+        """Re-route every call with the router's own rule and another selection (top-p: padding slots weigh 0)."""
+        bias = site.correction_bias
+
+        def decision(logits: torch.Tensor, weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return route(logits.reshape(-1, logits.shape[-1]), site.rule, bias=bias, weight_dtype=weights_dtype, **how)
+
+        if site.family == DBRX:  # logits come from the router; the block's top-k result reaches the experts
+            seen: list[torch.Tensor] = []
+
+            def keep_logits(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                seen[:] = [output]
+
+            def replace_inputs(module: nn.Module, args: tuple) -> tuple:
+                hidden, _, weights, *rest = args
+                new_weights, experts = decision(seen.pop(), weights.dtype)
+                return (hidden, experts, new_weights, *rest)
+
+            self._handles.append(router.register_forward_hook(keep_logits))
+            self._handles.append(site.experts.register_forward_pre_hook(replace_inputs, prepend=True))
+            return
+
+        def reroute(module: nn.Module, args: Any, output: Any) -> Any:
+            logits = output[-1] if site.family in (LLAMA4, JETMOE) else output[0]
+            weights_dtype = output[{LLAMA4: 0, JETMOE: 2}.get(site.family, 1)].dtype
+            weights, experts = decision(logits, weights_dtype)
+            return router_output(site.family, output, weights, experts)
+
+        self._handles.append(router.register_forward_hook(reroute, prepend=True))

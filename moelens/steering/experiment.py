@@ -39,7 +39,8 @@ class ExperimentResult:
       ``ppl_base``, ``ppl``, ``kl`` (mean KL(base ‖ variant) of the next-token distributions);
     * ``tokens`` — per variant and predicted token: ``logprob_base``, ``logprob``, ``delta_logprob``, ``kl``;
     * ``routing`` — per variant, layer and label: ``share_changed``, the share of tokens whose set of routed
-      experts differs from the baseline (weight-0 and capacity-dropped slots count as not routed);
+      experts differs from the baseline (weight-0 and capacity-dropped slots count as not routed), and
+      ``experts_per_token``, the mean number of experts the variant routed each token to (its compute);
     * ``control`` — per label: the steered ``delta_loss`` against the random controls' mean and std, ``z`` and
       ``share_random_ge`` (how many controls raised the loss at least as much);
     * ``generations`` — with ``generate``: per prompt, the baseline and steered continuations side by side.
@@ -110,6 +111,7 @@ def run_experiment(
     variants = {STEERED: spec, **{f"random:{i}": random_like(spec, info, seed + i) for i in range(n_random)}}
 
     frames = _evaluate(module, info, tokenizer, chunks, variants, batch_size, progress)
+    frames["control"] = _none_for_missing_label(_control_table(frames["loss"]))
     result = ExperimentResult(spec=spec, controls=list(variants.values())[1:], **frames)
     if generate:
         result.generations = _generations(module, tokenizer, chunks, spec, generate)
@@ -137,7 +139,7 @@ def _forward(module: Any, info: MoEInfo, ids: torch.Tensor, mask: torch.Tensor) 
         calls = capture.pop()
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
-    return _Pass(log_probs, target, {c.layer: c.experts.masked_fill(c.weights == 0, -1) for c in calls})
+    return _Pass(log_probs, target, {c.layer: c.experts.masked_fill(c.weights == 0, -1) for c in calls})  # padding too
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,7 @@ def _evaluate(module: Any, info: MoEInfo, tokenizer: Any, chunks: list[Chunk], v
                         "layer": np.full(len(changed), layer),
                         "label": label[real],
                         "changed": changed,
+                        "n_experts": (run.routed[layer] >= 0).sum(1).numpy()[real.reshape(-1)],
                     })
             bar.update(int(real.sum()))
     bar.close()
@@ -200,13 +203,13 @@ def _evaluate(module: Any, info: MoEInfo, tokenizer: Any, chunks: list[Chunk], v
     tokens.insert(tokens.columns.get_loc("logprob") + 1, "delta_logprob", tokens["logprob"] - tokens["logprob_base"])
     routing = (
         _concat(routing_parts)
-        .groupby(["variant", "layer", "label"], dropna=False, sort=False)["changed"]
-        .agg(n_tokens="size", share_changed="mean")
+        .groupby(["variant", "layer", "label"], dropna=False, sort=False)
+        .agg(n_tokens=("changed", "size"), share_changed=("changed", "mean"), experts_per_token=("n_experts", "mean"))
         .reset_index()
     )
     loss = _loss_table(tokens)
     return {name: _none_for_missing_label(df) for name, df in
-            {"tokens": tokens, "routing": routing, "loss": loss, "control": _control_table(loss)}.items()}
+            {"tokens": tokens, "routing": routing, "loss": loss}.items()}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:

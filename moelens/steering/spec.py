@@ -27,6 +27,9 @@ MODES = ("reroute", "zero")
 #: Units of a boost: raw logits, or multiples of each layer's router-logit standard deviation (`logit_std`).
 BOOST_UNITS = ("logit", "std")
 SPEC_VERSION = 1
+#: Layer key of a ``top_k`` / ``top_p`` / ``k_max`` value that applies to every MoE layer (``top_k=2``); a value
+#: given for one layer overrides it there. In JSON: ``[[-1, 2]]`` or simply ``2``.
+ALL_LAYERS = -1
 
 
 def parse_pair(text: str) -> Pair:
@@ -61,6 +64,19 @@ def _pair(item: Any) -> Pair:
         raise SteeringError(f"expected a (layer, expert) pair, got {item!r}") from None
 
 
+def _per_layer(value: Any, cast: type, what: str) -> tuple[tuple[int, Any], ...]:
+    """A number (every layer), ``{layer: value}`` or ``[[layer, value], ...]`` -> sorted ``((layer, value), ...)``."""
+    if value is None or value == ():
+        return ()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = {ALL_LAYERS: value}
+    try:
+        rows = value.items() if isinstance(value, Mapping) else (tuple(row) for row in value)
+        return tuple(sorted((int(layer), cast(v)) for layer, v in dict(rows).items()))
+    except (TypeError, ValueError):
+        raise SteeringError(f"{what} must be a number or {{layer: value}}, got {value!r}") from None
+
+
 def _pairs(items: Iterable[Any]) -> tuple[Pair, ...]:
     return tuple(sorted({_pair(item) for item in items}))
 
@@ -91,7 +107,15 @@ class SteeringSpec:
       §6.5), hence the ``std`` unit, which needs ``logit_std`` (see `moelens.steering.calibrate_logit_std`).
     * ``gate_scale`` — multiply the gate weight an already selected expert gets by β, at the experts' inputs,
       without renormalising (RICE, metrics.md §10.2). Selection is unchanged.
-    * ``top_k`` — experts per token for a layer, where the router reads its ``top_k`` at call time.
+    * ``top_k`` — experts per token, for every layer (``top_k=2``) or per layer (``{layer: k}``), with the
+      architecture's own routing function (renormalised as the model does); refused where k is fixed by
+      construction (PhiMoE, Switch, JetMoE's attention experts).
+    * ``top_p`` / ``k_max`` — dynamic routing (Huang et al. 2024, arXiv:2403.07652): each token takes the smallest
+      set of experts, in the router's own order, whose probability mass reaches p, at most ``k_max`` (default E),
+      weighted as the model weights its selection. Global or per layer like ``top_k``.
+    * ``only_rank`` — route each token to one expert only: the one its router ranks r-th (1 = its first choice),
+      weighted as the model weights a one-expert selection. The "weak" model of SCMoE self-contrast decoding
+      (Shi et al. 2024, arXiv:2405.14507). Global or per layer. A layer takes one of top_k, top_p, only_rank.
 
     Constructor arguments are normalised (pairs sorted, mappings frozen into tuples), so two specs that mean the
     same compare equal and serialise to the same JSON.
@@ -103,6 +127,9 @@ class SteeringSpec:
     boost_unit: str = "logit"
     gate_scale: tuple[tuple[Pair, float], ...] = ()
     top_k: tuple[tuple[int, int], ...] = ()
+    top_p: tuple[tuple[int, float], ...] = ()
+    k_max: tuple[tuple[int, int], ...] = ()
+    only_rank: tuple[tuple[int, int], ...] = ()
     mode: str = "reroute"
     logit_std: tuple[tuple[int, float], ...] = ()
 
@@ -112,7 +139,10 @@ class SteeringSpec:
         set_(self, "force", _pairs(self.force))
         set_(self, "boost", _pair_values(self.boost, "boost"))
         set_(self, "gate_scale", _pair_values(self.gate_scale, "gate_scale"))
-        set_(self, "top_k", tuple(sorted((int(layer), int(k)) for layer, k in dict(self.top_k).items())))
+        set_(self, "top_k", _per_layer(self.top_k, int, "top_k"))
+        set_(self, "top_p", _per_layer(self.top_p, float, "top_p"))
+        set_(self, "k_max", _per_layer(self.k_max, int, "k_max"))
+        set_(self, "only_rank", _per_layer(self.only_rank, int, "only_rank"))
         set_(self, "logit_std", tuple(sorted((int(layer), float(s)) for layer, s in dict(self.logit_std).items())))
         if self.mode not in MODES:
             raise SteeringError(f"mode must be one of {MODES}, not {self.mode!r}")
@@ -121,22 +151,46 @@ class SteeringSpec:
         both = set(self.disable) & set(self.force)
         if both:
             raise SteeringError(f"experts both disabled and forced: {_fmt(sorted(both))}")
-        bad_k = [(layer, k) for layer, k in self.top_k if k < 1]
+        bad_k = [(layer, k) for layer, k in (*self.top_k, *self.k_max, *self.only_rank) if k < 1]
         if bad_k:
-            raise SteeringError(f"top_k must be at least 1, got {dict(bad_k)}")
+            raise SteeringError(f"top_k, k_max and only_rank must be at least 1, got {dict(bad_k)}")
+        bad_p = [(layer, p) for layer, p in self.top_p if not 0.0 < p <= 1.0]
+        if bad_p:
+            raise SteeringError(f"top_p must be in (0, 1], got {dict(bad_p)}")
+        seen: dict[int, str] = {}
+        for name, values in (("top_k", self.top_k), ("top_p", self.top_p), ("only_rank", self.only_rank)):
+            for layer, _ in values:
+                if layer in seen:
+                    raise SteeringError(f"layer {layer} (-1 = every layer) takes one of top_k, top_p and only_rank, "
+                                        f"not both {seen[layer]} and {name}")
+                seen[layer] = name
+        if self.k_max and not self.top_p:
+            raise SteeringError("k_max caps top_p routing; pass top_p too (or use top_k for a fixed k)")
+
+    def experts_per_token(self, layer: int) -> tuple[str, float, int | None] | None:
+        """``("k", k, None)``, ``("p", p, k_max)``, ``("rank", r, None)`` or None: how ``layer`` chooses its
+        experts under this spec (a value for the layer itself wins over an every-layer one)."""
+        cap = dict(self.k_max).get(layer, dict(self.k_max).get(ALL_LAYERS))
+        for key in (layer, ALL_LAYERS):
+            for how, values in (("k", self.top_k), ("p", self.top_p), ("rank", self.only_rank)):
+                if key in dict(values):
+                    return how, dict(values)[key], cap if how == "p" else None
+        return None
 
     # -- views -------------------------------------------------------------------------------------------
 
     @property
     def is_empty(self) -> bool:
-        return not (self.disable or self.force or self.boost or self.gate_scale or self.top_k)
+        return not (self.disable or self.force or self.boost or self.gate_scale or self.top_k or self.top_p
+                    or self.only_rank)
 
     def pairs(self) -> set[Pair]:
         """Every (layer, expert) the spec touches."""
         return {*self.disable, *self.force, *(p for p, _ in self.boost), *(p for p, _ in self.gate_scale)}
 
     def layers(self) -> set[int]:
-        return {layer for layer, _ in self.pairs()} | {layer for layer, _ in self.top_k}
+        per_layer = {layer for layer, _ in (*self.top_k, *self.top_p, *self.k_max, *self.only_rank)} - {ALL_LAYERS}
+        return {layer for layer, _ in self.pairs()} | per_layer
 
     def describe(self) -> str:
         """One line for tables and logs, e.g. ``disable 1:3 2:5 · boost 0:1=+2std``."""
@@ -150,8 +204,10 @@ class SteeringSpec:
             parts.append("boost " + " ".join(f"{l}:{e}={v:+g}{unit}" for (l, e), v in self.boost))
         if self.gate_scale:
             parts.append("gate_scale " + " ".join(f"{l}:{e}x{v:g}" for (l, e), v in self.gate_scale))
-        if self.top_k:
-            parts.append("top_k " + " ".join(f"L{l}={k}" for l, k in self.top_k))
+        for name, values in (("top_k", self.top_k), ("top_p", self.top_p), ("k_max", self.k_max),
+                             ("only_rank", self.only_rank)):
+            if values:
+                parts.append(name + " " + " ".join(f"{v:g}" if l == ALL_LAYERS else f"L{l}={v:g}" for l, v in values))
         return " · ".join(parts) or "no change"
 
     # -- JSON ---------------------------------------------------------------------------------------------
@@ -166,6 +222,9 @@ class SteeringSpec:
             "boost_unit": self.boost_unit,
             "gate_scale": [[l, e, v] for (l, e), v in self.gate_scale],
             "top_k": [[l, k] for l, k in self.top_k],
+            "top_p": [[l, p] for l, p in self.top_p],
+            "k_max": [[l, k] for l, k in self.k_max],
+            "only_rank": [[l, r] for l, r in self.only_rank],
             "mode": self.mode,
             "logit_std": [[l, s] for l, s in self.logit_std],
         }
@@ -184,7 +243,9 @@ class SteeringSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SteeringError(f"unknown steering spec fields {unknown}; known: {sorted(known)}")
-        for key in ("top_k", "logit_std"):
+        for key in ("top_k", "top_p", "k_max", "only_rank", "logit_std"):
+            if isinstance(data.get(key), (int, float)) and key != "logit_std":
+                continue  # a bare number: every layer
             if key in data and not isinstance(data[key], Mapping):
                 data[key] = {int(row[0]): row[1] for row in data[key]}
             elif key in data:
@@ -212,7 +273,7 @@ class SteeringSpec:
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
             raise SteeringError(f"unknown steering arguments {unknown}; use disable, force, boost, gate_scale, top_k, "
-                                "mode, boost_unit or logit_std")
+                                "top_p, k_max, only_rank, mode, boost_unit or logit_std")
         return cls(**{**base, **kwargs})
 
 
