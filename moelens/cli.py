@@ -7,6 +7,7 @@ Every command reports bad input as one clear message and a non-zero exit (no tra
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,19 @@ DbOption = typer.Option(DEFAULT_DB, "--db", help="Trace store (DuckDB file).")
 FormatOption = typer.Option("table", "--format", "-f", help="table | csv | json")
 
 
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, envvar="MOELENS_THREADS", show_envvar=True,
+        help="torch CPU threads (default: 1 on <= 2 cores, else half the cores, at most 8)."),
+) -> None:
+    """Record, store, analyse and steer the routing of Mixture-of-Experts language models."""
+    if threads is not None:
+        from moelens.threads import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(threads)  # applied when torch work starts; inherited by the app server
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning moelens errors into a message and exit code 1."""
     try:
@@ -45,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def resolve_model(spec: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
     """``demo`` (the bundled model), ``demo:early`` (its early checkpoint), ``tiny:TYPE`` (a random tiny model), or a folder/hub id."""
+    from moelens.threads import apply_thread_policy
+
+    apply_thread_policy()
     if spec in ("demo", "demo:early"):
         from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
 

@@ -33,13 +33,10 @@ console = Console()
 def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = None, again: bool = False,
              seq_len: int = 256, progress: bool = True) -> dict[str, int]:
     """Record the demo runs (unless present) and open the app or print a summary; returns {run name: id}."""
-    import torch
-
     from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
     from moelens.recording.loading import load_model
     from moelens.recording.record import record
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     store = TraceStore(db)
     existing = store.runs(status="complete")
     have = dict(zip(existing["name"], existing["run_id"])) if not again else {}

@@ -21,7 +21,9 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str = "a
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from moelens.adapters import find_routers
+    from moelens.threads import apply_thread_policy
 
+    apply_thread_policy()
     if dtype not in DTYPES:
         raise MoelensError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = str(name_or_path)
