@@ -1,10 +1,10 @@
-"""torch intra-op threads on a small machine: recording and generation time with 1, 2, ... threads, idle and busy.
+"""torch intra-op threads on a small machine: recording and generation time with 1, 2, ... threads.
 
 Each measurement is a fresh process (``--child``) that sets its thread count through ``MOELENS_THREADS`` (the
 policy in ``moelens.threads``), loads the bundled demo model with ``moelens.load``, records ``--tokens`` held-out
 tokens into a scratch store (batch 8 x 256, as ``moelens demo`` does) and then generates 32 greedy tokens from one
-prompt (what one Generate click on the Steer page costs). "busy" runs one CPU-bound process (a pure-Python loop)
-next to it, as a browser, the Streamlit server or a second recording would. Thread counts alternate within each
+prompt (what one Generate click on the Steer page costs), first on the machine as it is, then with one more
+CPU-bound process (a pure-Python loop) next to it, as a browser, the Streamlit server or a second recording adds. Thread counts alternate within each
 repetition so that drift hits all of them; the table shows medians.
 
 Writes benchmarks/results/threads.md. Run: python benchmarks/threads.py [--tokens 20000] [--threads 1 2] [--reps 2]
@@ -24,6 +24,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "threads.md"
 PROMPT = "The Python Software Foundation is"
+AS_IS, BUSY = "as is", "+1 busy process"
 
 
 def child(tokens: int) -> dict[str, float]:
@@ -60,8 +61,8 @@ def measure(threads: int, tokens: int) -> dict[str, float]:
 
 def run(threads: list[int], tokens: int, reps: int) -> list[dict]:
     rows = []
-    for load in ("idle", "busy"):
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+    for load in (AS_IS, BUSY):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == BUSY else None
         try:
             load_avg = os.getloadavg()[0]
             runs: dict[int, list[dict]] = {n: [] for n in threads}
@@ -89,8 +90,8 @@ def report(rows: list[dict], tokens: int, reps: int) -> str:
         "# torch threads: recording and generation on the demo model", "",
         f"{cores} cores, torch {torch.__version__}, demo model (float32), {tokens:,} held-out tokens recorded at "
         f"batch 8 x 256, then 32 greedy tokens generated; median of {reps} fresh processes per cell. "
-        "\"busy\": one CPU-bound process (a pure-Python loop) runs alongside. load avg: the 1-minute load average "
-        "when the condition started (the machine is shared, so \"idle\" is only as idle as that).", "",
+        f"\"{BUSY}\": one more CPU-bound process (a pure-Python loop) runs alongside. load avg: the 1-minute load "
+        "average when the condition started (other work on the machine counts too).", "",
         "| load | threads | load avg | record s | tokens/s | generate 32 tokens s | record vs 1 thread |",
         "|---|---|---|---|---|---|---|",
     ]

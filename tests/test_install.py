@@ -137,32 +137,37 @@ def test_bad_thread_counts_say_where_they_came_from(monkeypatch) -> None:
             chosen_threads()
 
 
-def _python(code: str, **env: str | None) -> str:
-    """Run ``code`` in a fresh interpreter (this one's), with env changes (None removes a variable)."""
+def _python(code: str, **env: str | None) -> list[str]:
+    """What ``code`` prints in a fresh interpreter (this one's), with env changes (None removes a variable)."""
     full = {**os.environ, "PYTHONPATH": str(ROOT)}
     for key, value in env.items():
         full.pop(key, None) if value is None else full.__setitem__(key, value)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=full, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.split()[-1]
+    return out.stdout.split()
 
 
-def test_thread_policy_env_override_default_and_omp() -> None:
-    load_demo = ("import moelens, torch; from moelens.demo import DEMO_MODEL_DIR; moelens.load(DEMO_MODEL_DIR); "
-                 "print(torch.get_num_threads())")
-    assert _python(load_demo, MOELENS_THREADS="3", OMP_NUM_THREADS="1") == "3"
+APPLY = "import torch; from moelens.threads import apply_thread_policy; apply_thread_policy(); print(torch.get_num_threads())"
+
+
+def test_moelens_load_applies_the_env_override() -> None:
+    code = ("import moelens, torch; from moelens.demo import DEMO_MODEL_DIR; moelens.load(DEMO_MODEL_DIR); "
+            "print(torch.get_num_threads())")
+    assert _python(code, MOELENS_THREADS="3", OMP_NUM_THREADS="1") == ["3"]
+
+
+def test_thread_policy_default_and_omp() -> None:
     from moelens.threads import default_threads
 
-    assert _python(load_demo, MOELENS_THREADS=None, OMP_NUM_THREADS=None) == str(default_threads())
+    assert _python(APPLY, MOELENS_THREADS=None, OMP_NUM_THREADS=None) == [str(default_threads())]
     # OMP_NUM_THREADS already decided torch's count: left alone.
-    assert _python(load_demo, MOELENS_THREADS=None, OMP_NUM_THREADS="2") == "2"
+    assert _python(APPLY, MOELENS_THREADS=None, OMP_NUM_THREADS="2") == ["2"]
 
 
 def test_thread_policy_applies_once_so_the_users_choice_stays() -> None:
-    code = ("import torch; from moelens.threads import apply_thread_policy; apply_thread_policy(); "
-            "torch.set_num_threads(2); apply_thread_policy(); print(torch.get_num_threads())")
-    assert _python(code, MOELENS_THREADS="1", OMP_NUM_THREADS=None) == "2"
-    assert _python("import moelens, torch; moelens.set_threads(3); print(torch.get_num_threads())") == "3"
+    code = APPLY + "; torch.set_num_threads(2); apply_thread_policy(); print(torch.get_num_threads())"
+    code += "; import moelens; moelens.set_threads(3); print(torch.get_num_threads())"
+    assert _python(code, MOELENS_THREADS="1", OMP_NUM_THREADS=None) == ["1", "2", "3"]
 
 
 def test_cli_threads_option_reaches_torch(tmp_path: Path) -> None:
@@ -172,7 +177,7 @@ def test_cli_threads_option_reaches_torch(tmp_path: Path) -> None:
             "except SystemExit as exc:\n"
             "    assert not exc.code, exc.code\n"
             "print(torch.get_num_threads())")
-    assert _python(code, MOELENS_THREADS=None, OMP_NUM_THREADS="1") == "3"
+    assert _python(code, MOELENS_THREADS=None, OMP_NUM_THREADS="1")[-1] == "3"
     bad = subprocess.run([sys.executable, "-m", "moelens.cli", "--threads", "0", "runs"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert bad.returncode == 2 and "--threads" in bad.stderr
