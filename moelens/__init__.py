@@ -11,8 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 from moelens.store import TraceStore  # noqa: E402  (no torch on this path)
+from moelens.threads import set_threads  # noqa: E402  (imports torch only when called)
 
-__all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "prune", "pruning", "record", "steer", "steering", "viz"]
+__all__ = ["TraceStore", "__version__", "analysis", "demo", "load", "prune", "pruning", "record", "set_threads", "steer", "steering", "viz"]
 
 
 def load(name_or_path: str, **kwargs: Any):
@@ -31,14 +32,18 @@ def load(name_or_path: str, **kwargs: Any):
 def record(model: Any, tokenizer: Any, inputs: Any, **kwargs: Any):
     """Record the routing of ``model`` over ``inputs`` into a trace store; returns the run id."""
     from moelens.recording.record import record as _record
+    from moelens.threads import apply_thread_policy
 
+    apply_thread_policy()
     return _record(model, tokenizer, inputs, **kwargs)
 
 
 def steer(model: Any, spec: Any = None, **kwargs: Any):
     """Context manager that disables/forces/boosts/scales experts while it is active."""
     from moelens.steering import steer as _steer
+    from moelens.threads import apply_thread_policy
 
+    apply_thread_policy()
     return _steer(model, spec, **kwargs)
 
 

@@ -3,6 +3,10 @@
 The app lives in the ``app/`` folder at the repository root (next to the ``moelens`` package). This module
 only finds it and runs ``streamlit run app/Home.py -- --db PATH`` in a child process; it imports neither
 streamlit nor torch itself.
+
+The server runs headless by default: a first-time Streamlit user with a display would otherwise get Streamlit's
+"Email:" prompt in the terminal and no server until it is answered (and on a remote machine no browser opens
+anyway); the URL is printed instead. Usage statistics stay off.
 """
 
 from __future__ import annotations
@@ -34,17 +38,26 @@ def find_app() -> Path | None:
     return None
 
 
-def command(db: Path, port: int | None = None, headless: bool = False, home: Path | None = None) -> list[str]:
+#: Environment for the server: never ask for an email, even when ``headless=False`` lets Streamlit open a browser
+#: (streamlit versions without this option ignore it).
+STREAMLIT_ENV = {"STREAMLIT_SERVER_SHOW_EMAIL_PROMPT": "false"}
+
+
+def command(db: Path, port: int | None = None, headless: bool = True, home: Path | None = None) -> list[str]:
     """The ``streamlit run`` command line that `launch` executes."""
     home = home or find_app()
     if home is None:
         raise MoelensError(_not_found())
-    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--browser.gatherUsageStats", "false"]
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--browser.gatherUsageStats", "false",
+           "--server.headless", "true" if headless else "false"]
     if port is not None:
         cmd += ["--server.port", str(int(port))]
-    if headless:
-        cmd += ["--server.headless", "true"]
     return [*cmd, "--", "--db", str(Path(db).expanduser().resolve())]
+
+
+def server_env(db: Path) -> dict[str, str]:
+    """The environment `launch` runs the server in: this one, no email prompt, and the store's path."""
+    return {**os.environ, **STREAMLIT_ENV, "MOELENS_DB": str(Path(db).expanduser().resolve())}
 
 
 def _not_found() -> str:
@@ -55,7 +68,7 @@ def _not_found() -> str:
     )
 
 
-def launch(db: Path, port: int | None = None, headless: bool = False) -> int:
+def launch(db: Path, port: int | None = None, headless: bool = True) -> int:
     """Run the workbench on ``db`` until it is stopped (Ctrl-C); returns streamlit's exit code."""
     if importlib.util.find_spec("streamlit") is None:
         raise MoelensError("The workbench needs streamlit: pip install 'moelens[app]'")
@@ -63,8 +76,7 @@ def launch(db: Path, port: int | None = None, headless: bool = False) -> int:
     db_path = Path(db).expanduser()
     if not db_path.exists():
         print(f"note: {db_path} does not exist yet; the app will say how to record a trace.", file=sys.stderr)
-    env = {**os.environ, "MOELENS_DB": str(db_path.resolve())}
     try:
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=server_env(db_path))
     except KeyboardInterrupt:
         return 0

@@ -275,9 +275,23 @@ def _transformers_router_logits(model: Any, ids: torch.Tensor) -> list[torch.Ten
         entries = [*out.encoder_router_logits, *out.decoder_router_logits]
     else:
         entries = list(out.router_logits)
-    if model.config.model_type == "jetmoe":  # per block: MoA gating, MoA again (attention output), MLP
-        entries = [e for i, e in enumerate(entries) if i % 3 != 1]
+    if model.config.model_type == "jetmoe":
+        entries = _jetmoe_router_calls(entries, model.config.num_hidden_layers)
     return [e.reshape(-1, e.shape[-1]) for e in entries]
+
+
+def _jetmoe_router_calls(entries: list[torch.Tensor], n_blocks: int) -> list[torch.Tensor]:
+    """JetMoE's entries as one per router call (per block: attention MoA gating, then MLP gating).
+
+    transformers <= 5.23 also lists the MoA logits a second time per block (recorded again from the attention
+    module's output); 5.24 lists each call once. Either layout is accepted, the repeat only if it is an exact copy.
+    """
+    if len(entries) == 3 * n_blocks:
+        repeats = entries[1::3]
+        assert all(torch.equal(again, moa) for again, moa in zip(repeats, entries[0::3]))
+        entries = [e for i, e in enumerate(entries) if i % 3 != 1]
+    assert len(entries) == 2 * n_blocks, f"{len(entries)} router_logits entries for {n_blocks} JetMoE blocks"
+    return entries
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -6,6 +6,7 @@ Commands live in one module per group next to this one and register themselves o
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,19 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, envvar="MOELENS_THREADS", show_envvar=True,
+        help="torch CPU threads (default: 1 on <= 2 cores, else half the cores, at most 8)."),
+) -> None:
+    """Record, store, analyse and steer the routing of Mixture-of-Experts language models."""
+    if threads is not None:
+        from moelens.threads import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(threads)  # applied when torch work starts; inherited by the app server
 
 FORMATS = ("table", "csv", "json")
 
@@ -96,6 +110,9 @@ def resolve_model(spec: str, *, device: str | None = None, device_map: str | Non
                   revision: str | None = None, trust_remote_code: bool = False, allow_random_router: bool = False):
     """``(model, tokenizer, name)`` for ``demo`` (the bundled model), ``demo:early`` (its early checkpoint),
     ``tiny:TYPE`` (a random tiny model) or a folder/hub id (see `moelens.load`)."""
+    from moelens.threads import apply_thread_policy
+
+    apply_thread_policy()
     if spec in ("demo", "demo:early"):
         from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
 

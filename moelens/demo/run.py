@@ -34,13 +34,10 @@ log = logging.getLogger(__name__)
 def run_demo(db: str | Path, *, max_tokens: int | None = None, again: bool = False, seq_len: int = 256,
              progress: bool = True) -> dict[str, int]:
     """Record the demo runs (unless present, or ``again``) and return ``{run name: run id}``; steps are logged."""
-    import torch
-
     from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
     from moelens.recording.loading import load_model
     from moelens.recording.record import record
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     store = TraceStore(db)
     existing = store.runs(status="complete")
     have = dict(zip(existing["name"], existing["run_id"])) if not again else {}

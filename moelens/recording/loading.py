@@ -66,7 +66,9 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from moelens.adapters import find_routers
+    from moelens.threads import apply_thread_policy
 
+    apply_thread_policy()
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except OSError as exc:
