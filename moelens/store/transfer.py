@@ -1,0 +1,140 @@
+"""Moving runs between the two layouts: export a run into a Parquet dataset, import a dataset's runs into a file.
+
+Rows stream through Arrow record batches (bounded memory whatever the run's size). Export keeps the run's id
+(a dataset gathers runs from one store; the same id again is refused unless asked to overwrite); import gives
+new ids, because the target file numbers its own runs. The run row is written last in both directions, so an
+interrupted transfer never leaves a run that looks complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from moelens.errors import StoreError
+from moelens.store.schema import RUN_TABLES, SORT_KEYS, contract
+from moelens.store.store import TraceStore, _ident
+
+#: Arrow batch size for streaming rows between stores.
+BATCH_ROWS = 1 << 20
+
+
+def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int = 1, overwrite: bool = False) -> list[Path]:
+    """Write run ``run_id`` of ``src`` into the dataset at ``folder`` as ``shards`` partitions of whole sequences."""
+    from moelens.store.dataset import DatasetStore
+
+    run_id = int(run_id)
+    if shards < 1:
+        raise StoreError(f"--shards must be at least 1, not {shards}")
+    src.run(run_id)  # a missing id: one clear line listing the ids that exist
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{folder} is a file; --parquet takes a folder (new, empty, or a moelens dataset) to write into")
+    dst = TraceStore(folder, layout="parquet")
+    assert isinstance(dst, DatasetStore)
+    if dst.path.resolve() == src.path.resolve():
+        raise StoreError(f"run {run_id} is already in {folder}")
+    if run_id in set(dst.runs()["run_id"]):
+        if not overwrite:
+            old = dst.run(run_id)
+            raise StoreError(
+                f"{folder} already holds run {run_id} ({old['model']}, created {old['created_at']}); pass --overwrite to "
+                "replace it, or export into another folder"
+            )
+    dst._discard(run_id)  # the replaced run, or files an interrupted export left behind
+    dst._run_dir(run_id).mkdir(parents=True)
+    written: list[Path | None] = []
+    bounds = _shard_bounds(src, run_id, shards)
+    with src.connect() as con:
+        for table in RUN_TABLES:
+            cols = ", ".join(_ident(c) for c, _ in contract()[table] if c != "run_id")
+            keys = [k for k in SORT_KEYS if k in dict(contract()[table])]
+            order = f" ORDER BY {', '.join(keys)}" if keys else ""
+            if table == "layers":
+                written.append(dst._write_part(table, run_id, None, _batches(con, f"SELECT {cols} FROM {table} WHERE run_id = ?{order}", [run_id])))
+                continue
+            for shard, (lo, hi) in enumerate(bounds):
+                sql = f"SELECT {cols} FROM {table} WHERE run_id = ? AND seq_id >= ? AND seq_id < ?{order}"
+                written.append(dst._write_part(table, run_id, shard, _batches(con, sql, [run_id, lo, hi])))
+        for shard in dst._shards_on_disk(run_id):
+            dst._mark_shard(run_id, shard)
+        row = con.sql("SELECT * EXCLUDE (run_id) FROM runs WHERE run_id = ?", params=[run_id]).to_arrow_table()
+    for name in sorted(src.summary_names(run_id)):
+        dst._summary_file(run_id, name, src.read_summary(run_id, name))
+    dst._write_run_row(run_id, row)  # last: the run exists in the dataset only once everything else landed
+    return [p for p in written if p is not None]
+
+
+def import_runs(folder: str | Path, dst: TraceStore, runs: list[int] | None = None) -> dict[int, int]:
+    """Load runs of the dataset at ``folder`` (every run, or ``runs``) into ``dst`` as new runs; {old id: new id}."""
+    from moelens.store.dataset import DatasetStore
+
+    folder = Path(folder)
+    if folder.is_file():
+        raise StoreError(f"{folder} is a file; moelens import takes a dataset folder written by moelens export")
+    src = TraceStore(folder, read_only=True, layout="parquet")
+    assert isinstance(src, DatasetStore)
+    if isinstance(dst, DatasetStore):
+        raise StoreError("import loads a dataset into a DuckDB file; give --db a .duckdb path")
+    available = [int(r) for r in src.runs()["run_id"]]
+    wanted = available if not runs else [int(r) for r in runs]
+    for r in wanted:
+        src.run(r)  # a missing id: one clear line listing the ids the dataset has
+    mapping: dict[int, int] = {}
+    with src.connect() as scon:
+        for old in wanted:
+            mapping[old] = _copy_into_file(scon, old, dst, mapping)
+    for old, new in mapping.items():
+        for name in sorted(src.summary_names(old)):
+            dst.write_summary(new, name, src.read_summary(old, name))
+    return mapping
+
+
+def _copy_into_file(scon: Any, old: int, dst: TraceStore, mapping: dict[int, int]) -> int:
+    """One run's rows into the DuckDB file ``dst`` in one transaction; the parent id follows the mapping."""
+    row = scon.sql("SELECT * FROM runs WHERE run_id = ?", params=[old]).to_arrow_table().to_pylist()[0]
+    parent = row.get("parent_run_id")
+    with dst.connect(write=True) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            new = int(con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchall()[0][0])
+            row.update(run_id=new, parent_run_id=mapping.get(parent) if parent is not None else None)
+            con.register("_moelens_run", pa.Table.from_pylist([row], schema=scon.sql("SELECT * FROM runs LIMIT 0").to_arrow_table().schema))
+            con.execute("INSERT INTO runs BY NAME SELECT * FROM _moelens_run")
+            con.unregister("_moelens_run")
+            for table in RUN_TABLES:
+                cols = ", ".join(_ident(c) for c, _ in contract()[table] if c != "run_id")
+                reader = scon.sql(f"SELECT {cols} FROM {table} WHERE run_id = ?", params=[old]).to_arrow_reader(BATCH_ROWS)
+                con.register("_moelens_rows", reader)
+                con.execute(f"INSERT INTO {table} (run_id, {cols}) SELECT ?, {cols} FROM _moelens_rows", [new])
+                con.unregister("_moelens_rows")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return new
+
+
+def _batches(con: Any, sql: str, params: list[Any]):
+    reader = con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+    yield from reader
+
+
+def _shard_bounds(src: TraceStore, run_id: int, shards: int) -> list[tuple[int, int]]:
+    """Half-open seq_id ranges ``[lo, hi)`` of about equal token counts that cover every id (whole sequences)."""
+    lo, hi = -(2**31), 2**31  # every INTEGER seq_id
+    if shards == 1:
+        return [(lo, hi)]
+    counts = src.arrow("SELECT seq_id, count(*) AS n FROM tokens WHERE run_id = ? GROUP BY seq_id ORDER BY seq_id", [run_id])
+    if counts.num_rows == 0:
+        counts = src.arrow("SELECT seq_id, count(*) AS n FROM routing WHERE run_id = ? GROUP BY seq_id ORDER BY seq_id", [run_id])
+    ids = counts.column("seq_id").to_numpy()
+    n = counts.column("n").to_numpy().astype(np.float64)
+    before = np.cumsum(n) - n  # tokens before each sequence
+    targets = n.sum() * np.arange(1, shards) / shards
+    cuts = sorted({int(ids[i]) for i in np.searchsorted(before, targets) if 0 < i < len(ids)})
+    edges = [lo, *cuts, hi]
+    return list(zip(edges[:-1], edges[1:]))
