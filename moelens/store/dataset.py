@@ -376,14 +376,16 @@ class DatasetStore(TraceStore):
         self._require_run(run_id)
         self._summary_file(run_id, name, table)
 
-    def _summary_file(self, run_id: int, name: str, table: pa.Table) -> None:
+    def _summary_file(self, run_id: int, name: str, table: pa.Table) -> Path:
         path = self.path / summary_table(name) / f"run_id={int(run_id)}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_parquet(path, table)
+        return path
 
-    def _write_run_row(self, run_id: int, row: pa.Table) -> None:
+    def _write_run_row(self, run_id: int, row: pa.Table) -> Path:
         self._run_dir(run_id).mkdir(parents=True, exist_ok=True)
         _write_parquet(self._run_dir(run_id) / "run.parquet", row)
+        return self._run_dir(run_id) / "run.parquet"
 
     def read_summary(self, run_id: int, name: str) -> pa.Table | None:
         path = self.path / summary_table(name) / f"run_id={int(run_id)}" / "part-0.parquet"

@@ -200,7 +200,11 @@ class TraceStore:
                     self._shims = _shims(con)
             else:
                 with self.connect(write=True) as con:
-                    _migrate(con, version)
+                    try:
+                        _migrate(con, version)
+                    except duckdb.Error as exc:
+                        raise StoreError(f"{self.path}: migrating schema {version} -> {SCHEMA_VERSION} failed ({str(exc).splitlines()[0]}); "
+                                         "the file was left as it was") from exc
 
     @staticmethod
     def _create(con: duckdb.DuckDBPyConnection) -> None:

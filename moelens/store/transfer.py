@@ -63,8 +63,8 @@ def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int 
             dst._mark_shard(run_id, shard)
         row = con.sql("SELECT * EXCLUDE (run_id) FROM runs WHERE run_id = ?", params=[run_id]).to_arrow_table()
     for name in sorted(src.summary_names(run_id)):
-        dst._summary_file(run_id, name, src.read_summary(run_id, name))
-    dst._write_run_row(run_id, row)  # last: the run exists in the dataset only once everything else landed
+        written.append(dst._summary_file(run_id, name, src.read_summary(run_id, name)))
+    written.append(dst._write_run_row(run_id, row))  # last: the run exists in the dataset once everything else landed
     return [p for p in written if p is not None]
 
 
