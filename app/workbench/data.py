@@ -1,11 +1,16 @@
-"""Cached, read-only access to the trace store for the app.
+"""Cached, read-only access to the trace store (a DuckDB file or a Parquet dataset) for the app.
 
-Every cached function takes ``(db, stamp, run, ...)``: ``stamp`` changes whenever the DuckDB file (or its
-WAL) changes, so a recording in another process shows up on the next rerun and nothing stale is served.
+Public functions take ``(db, stamp, run, ...)``. ``stamp`` changes whenever the store changes on disk; it only
+decides when to look the run up again (`run_key`: one tiny query). What is cached *per run* is keyed by
+``store.run_version(run)`` — (store, run, completion time, status) — plus the run's materialised summaries: a
+completed run is immutable, so recording another run into the same store keeps every cached result of this one,
+while a run still recording is re-read as its rows arrive.
 Connections are short-lived (`TraceStore` opens one per query), so the app never blocks a recorder for long.
 
-The analyses are *called*, never re-implemented: `analysis(ctx, "expert_load", run, by_label=True)` calls
-``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame.
+The analyses are *called*, never re-implemented: `analysis(db, "expert_load", run, by_label=True)` calls
+``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame — except where the run has
+a derived summary that answers the same question (`workbench.summaries`): then the page reads the summary
+(thousands of rows) instead of the routing (hundreds of millions on a real model).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import streamlit as st
 
 from moelens.errors import MoelensError
 from moelens.store import TraceStore
+from workbench import summaries
 
 if TYPE_CHECKING:
     from moelens.analysis import RoutingData
@@ -36,16 +42,27 @@ class AnalysisUnavailable(RuntimeError):
 
 
 def stamp(db: str | Path) -> float:
-    """A value that changes whenever the store changes: newest mtime/size of the file and its WAL."""
+    """A value that changes whenever the store changes: newest mtime/size of the file and its WAL (of a
+    dataset: of its folders down to the shards, whose mtimes move when a part or marker lands)."""
     p = Path(db)
+    paths = [p, p.with_name(p.name + ".wal")]
+    if p.is_dir():
+        paths = [p, *p.glob("*"), *p.glob("*/run_id=*"), *p.glob("*/run_id=*/*")]
     vals = []
-    for q in (p, p.with_name(p.name + ".wal")):
+    for q in paths:
         try:
             s = q.stat()
             vals.append(s.st_mtime_ns / 1e9 + s.st_size * 1e-12)
         except OSError:
             pass
-    return max(vals) if vals else 0.0
+    return max(vals) + len(vals) * 1e-15 if vals else 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def run_key(db: str, stamp: float, run: int) -> tuple:
+    """The cache key of everything derived from ``run``: its `run_version` and materialised summary names."""
+    with batch(db) as store:
+        return store.run_version(int(run)), tuple(sorted(store.summary_names(int(run))))
 
 
 _checked: dict[tuple[str, float], TraceStore] = {}
@@ -85,7 +102,8 @@ def store_bundle(db: str, stamp: float) -> dict[str, Any]:
             "(SELECT count(*) FROM sequences) AS sequences"
         ).iloc[0]
         runs_df = store.runs()
-    size = Path(db).stat().st_size if Path(db).exists() else 0
+    p = Path(db)
+    size = sum(f.stat().st_size for f in p.rglob("*.parquet")) if p.is_dir() else p.stat().st_size if p.exists() else 0
     return {
         "runs_df": runs_df,
         "meta": dict(zip(meta["key"], meta["value"])),
@@ -104,9 +122,13 @@ def runs(db: str, stamp: float) -> pd.DataFrame:
     return store_bundle(db, stamp)["runs_df"]
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
 def run_bundle(db: str, stamp: float, run: int) -> dict[str, Any]:
     """One run's row, layers, sequences and experts per layer, in one connection."""
+    return _run_bundle(db, run_key(db, stamp, run), int(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _run_bundle(db: str, key: tuple, run: int) -> dict[str, Any]:
     with batch(db) as store:
         info = store.run(run)
         lay = store.layers(run)
@@ -141,9 +163,13 @@ def experts_of(db: str, stamp: float, run: int) -> dict[int, int]:
     return run_bundle(db, stamp, run)["experts"]
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
 def sequence_tokens(db: str, stamp: float, run: int, seq_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tokens of one sequence and their stored routing rows (as recorded, every layer)."""
+    """The tokens of one sequence and their stored routing rows (as recorded, every layer): a bounded read."""
+    return _sequence_tokens(db, run_key(db, stamp, run), int(run), int(seq_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _sequence_tokens(db: str, key: tuple, run: int, seq_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     with batch(db) as store:
         toks = store.tokens(run, seq_id)
         routing = store.query(
@@ -156,9 +182,13 @@ def sequence_tokens(db: str, stamp: float, run: int, seq_id: int) -> tuple[pd.Da
     return toks, routing
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
 def token_ids_for(db: str, stamp: float, run: int, texts: tuple[str, ...]) -> pd.DataFrame:
     """The token ids whose exact text is one of ``texts`` in this run, with how often each occurs."""
+    return _token_ids_for(db, run_key(db, stamp, run), int(run), tuple(texts))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _token_ids_for(db: str, key: tuple, run: int, texts: tuple[str, ...]) -> pd.DataFrame:
     if not texts:
         return pd.DataFrame(columns=["token", "token_id", "occurrences"])
     marks = ", ".join("?" for _ in texts)
@@ -193,14 +223,15 @@ def _function(name: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _analysis(db: str, stamp: float, name: str, run: int, params: tuple) -> Any:
-    fn = _function(name)
+def _analysis(db: str, key: tuple, name: str, run: int, params: tuple) -> Any:
+    derived = summaries.derive(name, dict(params), key[1])
     with batch(db) as store:
-        return fn(store, int(run), **dict(params))
+        frame = derived(store, int(run)) if derived is not None else None
+        return frame if frame is not None else _function(name)(store, int(run), **dict(params))
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _analysis_pair(db: str, stamp: float, name: str, run_a: int, run_b: int, params: tuple) -> Any:
+def _analysis_pair(db: str, keys: tuple, name: str, run_a: int, run_b: int, params: tuple) -> Any:
     fn = _function(name)
     with batch(db) as store:
         return fn(store, int(run_a), int(run_b), **dict(params))
@@ -216,15 +247,18 @@ def _freeze(params: dict[str, Any]) -> tuple:
 
 
 def analysis(db: str, name: str, run: int, **params: Any) -> Any:
-    """``moelens.analysis.<name>(store, run, **params)``, cached by (db, store stamp, run, params)."""
+    """``moelens.analysis.<name>(store, run, **params)`` (or the same frame from the run's summary), cached by
+    (db, run version, summaries, params)."""
     _function(name)  # raise AnalysisUnavailable before touching the cache
-    return _analysis(str(db), stamp(db), name, int(run), _freeze(params))
+    return _analysis(str(db), run_key(str(db), stamp(db), int(run)), name, int(run), _freeze(params))
 
 
 def analysis_pair(db: str, name: str, run_a: int, run_b: int, **params: Any) -> Any:
     """``moelens.analysis.<name>(store, run_a, run_b, **params)`` (e.g. ``run_agreement``), cached."""
     _function(name)
-    return _analysis_pair(str(db), stamp(db), name, int(run_a), int(run_b), _freeze(params))
+    now = stamp(db)
+    keys = (run_key(str(db), now, int(run_a)), run_key(str(db), now, int(run_b)))
+    return _analysis_pair(str(db), keys, name, int(run_a), int(run_b), _freeze(params))
 
 
 def _two_runs(db: str, run_a: int, run_b: int) -> tuple[RoutingData, RoutingData]:
