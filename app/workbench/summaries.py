@@ -74,7 +74,7 @@ def derive(name: str, params: dict[str, Any], available: tuple[str, ...]) -> Cal
     return None
 
 
-def _layers(store: Any, run: int) -> pd.DataFrame:
+def run_layers(store: Any, run: int) -> pd.DataFrame:
     """layer, n_experts, top_k of the run (the run row fills what the layers table lacks)."""
     lay = store.layers(run)[["layer", "n_experts", "top_k"]]
     info = store.run(run)
@@ -103,7 +103,7 @@ def _load_grid(store: Any, run: int, by_label: bool) -> tuple[pd.DataFrame, dict
     n_tok = {k: float(v) for k, v in n_tok.items()} if by_label else {_NO_LABEL: float(n_tok.sum())}
     names = sorted(k for k in n_tok if k != _NO_LABEL) + ([_NO_LABEL] if _NO_LABEL in n_tok else [])
     frames = []
-    for layer in _layers(store, run).itertuples():
+    for layer in run_layers(store, run).itertuples():
         here = rows[rows["layer"] == layer.layer]
         grid = pd.MultiIndex.from_product([names, range(layer.n_experts)], names=["group", "expert"])
         full = here.groupby(["group", "expert"])[["count", "gate_mass"]].sum().reindex(grid, fill_value=0).reset_index()
@@ -138,7 +138,7 @@ def layer_balance(store: Any, run: int) -> pd.DataFrame:
     """`moelens.analysis.layer_balance` from the ``expert_load`` summary."""
     counts, n_tokens = _counts(store, run)
     rows = []
-    for layer in _layers(store, run).itertuples():
+    for layer in run_layers(store, run).itertuples():
         n = counts.loc[counts["layer"] == layer.layer, "count"].to_numpy(np.float64)
         E, total = int(layer.n_experts), n.sum()
         row = {"layer": int(layer.layer), "n_experts": E, "top_k": int(layer.top_k), "n_tokens": int(n_tokens)}
@@ -162,7 +162,7 @@ def coactivation(store: Any, run: int) -> pd.DataFrame:
     counts, n_tokens = _counts(store, run)
     pairs = store.read_summary(run, "coactivation").to_pandas()
     frames = []
-    for layer in _layers(store, run).itertuples():
+    for layer in run_layers(store, run).itertuples():
         E, k = int(layer.n_experts), int(layer.top_k)
         n = counts.loc[counts["layer"] == layer.layer, "count"].to_numpy(np.float64)
         n_ij = np.zeros((E, E))
@@ -185,7 +185,7 @@ def expert_top_tokens(store: Any, run: int, layer: int, expert: int, n: int = 20
     the run in growing seq_id windows (the frequent ids are found in the first few sequences)."""
     from moelens.errors import InputError
 
-    lay = _layers(store, run).set_index("layer")
+    lay = run_layers(store, run).set_index("layer")
     if layer not in lay.index:
         raise InputError(f"no MoE layer {layer} in this run; layers are {lay.index.tolist()}")
     if not 0 <= expert < lay.loc[layer, "n_experts"]:
