@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moelens.store.schema import summary_table
+
 #: Reference SQL of each summary over one run (``$run``), in the columns documented above.
 SQL: dict[str, str] = {
     "expert_load": """
@@ -96,20 +98,29 @@ _NO_LABEL = "\0"  # unlabelled tokens' group while grouping (pandas drops None k
 
 def _load_grid(store: Any, run: int, by_label: bool) -> tuple[pd.DataFrame, dict[Any, float]]:
     """Counts and gate mass on the full (layer, label group, expert) grid, zeros where nothing was routed;
-    and the number of tokens of each group."""
+    and the number of tokens of each group. One scatter over all layers (numpy), not a groupby per layer."""
     rows = store.read_summary(run, "expert_load").to_pandas()
-    rows["group"] = rows["label"].astype(object).where(rows["label"].notna(), _NO_LABEL) if by_label else _NO_LABEL
-    n_tok = rows.groupby(rows["label"].astype(object).where(rows["label"].notna(), _NO_LABEL))["n_tokens"].first()
-    n_tok = {k: float(v) for k, v in n_tok.items()} if by_label else {_NO_LABEL: float(n_tok.sum())}
+    label = rows["label"].astype(object).where(rows["label"].notna(), _NO_LABEL)
+    n_tok = {k: float(v) for k, v in rows.groupby(label)["n_tokens"].first().items()}
+    if not by_label:
+        label, n_tok = pd.Series(_NO_LABEL, index=rows.index), {_NO_LABEL: float(sum(n_tok.values()))}
     names = sorted(k for k in n_tok if k != _NO_LABEL) + ([_NO_LABEL] if _NO_LABEL in n_tok else [])
-    frames = []
-    for layer in run_layers(store, run).itertuples():
-        here = rows[rows["layer"] == layer.layer]
-        grid = pd.MultiIndex.from_product([names, range(layer.n_experts)], names=["group", "expert"])
-        full = here.groupby(["group", "expert"])[["count", "gate_mass"]].sum().reindex(grid, fill_value=0).reset_index()
-        full.insert(0, "layer", int(layer.layer))
-        frames.append(full)
-    df = pd.concat(frames, ignore_index=True)
+    lay = run_layers(store, run)
+    G, E = len(names), lay["n_experts"].to_numpy()
+    start = np.r_[0, np.cumsum(G * E)[:-1]]
+    where = pd.Series(np.arange(len(lay)), index=lay["layer"].to_numpy())
+    li = where.reindex(rows["layer"].to_numpy()).to_numpy()
+    ok = ~np.isnan(li)
+    li = li[ok].astype(np.int64)
+    at = start[li] + pd.Index(names).get_indexer(label[ok]) * E[li] + rows["expert"].to_numpy()[ok]
+    total = int((G * E).sum())
+    df = pd.DataFrame({
+        "layer": np.repeat(lay["layer"].to_numpy(), G * E),
+        "group": np.concatenate([np.repeat(np.array(names, dtype=object), e) for e in E]) if len(E) else [],
+        "expert": np.concatenate([np.tile(np.arange(e), G) for e in E]) if len(E) else [],
+        "count": np.bincount(at, weights=rows["count"].to_numpy()[ok], minlength=total).astype(np.int64),
+        "gate_mass": np.bincount(at, weights=rows["gate_mass"].to_numpy(np.float64)[ok], minlength=total),
+    })
     df["n_group"] = df["group"].map(n_tok).astype(float)
     df["label"] = df["group"].where(df["group"] != _NO_LABEL, None)
     return df, n_tok
@@ -190,8 +201,8 @@ def expert_top_tokens(store: Any, run: int, layer: int, expert: int, n: int = 20
         raise InputError(f"no MoE layer {layer} in this run; layers are {lay.index.tolist()}")
     if not 0 <= expert < lay.loc[layer, "n_experts"]:
         raise InputError(f"expert must be in 0..{lay.loc[layer, 'n_experts'] - 1} for layer {layer}, not {expert}")
-    rows = store.read_summary(run, "token_expert").to_pandas()
-    here = rows[(rows["layer"] == layer) & (rows["expert"] == expert)]
+    here = store.query(f"SELECT token_id, count FROM {summary_table('token_expert')} WHERE run_id = ? AND layer = ? "
+                       "AND expert = ?", [int(run), int(layer), int(expert)])  # one expert's rows, not the whole table
     total = here["count"].sum()
     top = here.sort_values(["count", "token_id"], ascending=[False, True]).head(n)
     ids = [int(t) for t in top["token_id"]]
