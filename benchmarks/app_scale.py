@@ -72,7 +72,15 @@ def summary_tables(data: RoutingData) -> dict[str, pa.Table]:
     def table(parts: list[dict]) -> pa.Table:
         return pa.Table.from_pydict({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
-    return {"expert_load": table(load), "coactivation": table(coact), "token_expert": table(tokexp)}
+    trans = []
+    for li in range(data.n_layers - 1):
+        a, b = data.experts[li, :, 0].astype(np.int64), data.experts[li + 1, :, 0].astype(np.int64)
+        E2, ok = int(data.n_experts[li + 1]), (a >= 0) & (b >= 0)
+        c = np.bincount(a[ok] * E2 + b[ok], minlength=int(data.n_experts[li]) * E2)
+        nz = np.flatnonzero(c)
+        trans.append({"layer": np.full(len(nz), data.layer_ids[li], np.int16), "next_layer": np.full(len(nz), data.layer_ids[li + 1], np.int16),
+                      "expert": (nz // E2).astype(np.int16), "next_expert": (nz % E2).astype(np.int16), "count": c[nz]})
+    return {"expert_load": table(load), "coactivation": table(coact), "token_expert": table(tokexp), "transitions": table(trans)}
 
 
 def check_against_sql(tmp: Path) -> None:
@@ -85,6 +93,7 @@ def check_against_sql(tmp: Path) -> None:
         want = store.read_summary(run, name).to_pandas()
         got = table.to_pandas()
         keys = [c for c in want.columns if c not in ("count", "gate_mass", "n_tokens", "n_ij")]
+        assert len(got) == len(want), name
         got, want = (df.sort_values(keys, na_position="last").reset_index(drop=True) for df in (got, want))
         assert np.array_equal(got[keys].astype(str).to_numpy(), want[keys].astype(str).to_numpy()), name
         for c in set(want.columns) - set(keys):
@@ -174,7 +183,7 @@ def main() -> None:
         f"`python benchmarks/app_scale.py --tokens {args.tokens}` — synthetic run of {args.tokens:,} tokens × "
         f"{args.layers} layers × {args.experts} experts, top-{args.top_k} ({args.tokens * args.layers * args.top_k:,} "
         f"routing rows, DuckDB file {size / 2**30:.2f} GiB for two runs) plus a perturbed copy for Compare; summaries "
-        "`expert_load`, `coactivation`, `token_expert` materialised for both runs. AppTest, caches cleared before each "
+        "`expert_load`, `coactivation`, `token_expert`, `transitions` materialised for both runs. AppTest, caches cleared before each "
         "timed render (imports warm). Goal: ≤ 2 s per page.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average "

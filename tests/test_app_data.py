@@ -36,6 +36,7 @@ CASES = [
     ("expert_top_tokens", {"layer": 2, "expert": 3, "n": 10, "n_contexts": 3}),
     ("expert_top_tokens", {"layer": 1, "expert": 0, "n": 5, "n_contexts": 2, "window": 2}),
     ("shared_expert_stats", {}),
+    ("cross_layer_transitions", {}),
 ]
 
 

@@ -5,7 +5,9 @@ The summaries the app reads (``store.read_summary(run, name)``; columns besides 
 * ``expert_load`` — layer, expert, label (NULL = unlabelled), ``count`` routed slots, ``gate_mass`` Σ weight,
   ``n_tokens`` tokens of that label (the same on every row of the label);
 * ``coactivation`` — layer, expert_i, expert_j (i ≠ j, both orders), ``n_ij`` tokens with both in their top-k;
-* ``token_expert`` — layer, token_id, expert, ``count`` of the token id's occurrences routed to the expert.
+* ``token_expert`` — layer, token_id, expert, ``count`` of the token id's occurrences routed to the expert;
+* ``transitions`` — layer, next_layer (the next MoE layer), expert, next_expert, ``count`` of tokens whose first
+  choice is expert at layer and next_expert at next_layer (pairs with count > 0).
 
 "Routed" is what every moelens score counts: expert ≥ 0 and weight ≠ 0. `SQL` holds the reference definitions
 (exact, and checked against the analyses in the tests); the analysis side materialises the same tables for big
@@ -45,6 +47,13 @@ SQL: dict[str, str] = {
         FROM routing r JOIN tokens t ON t.run_id = r.run_id AND t.seq_id = r.seq_id AND t.pos = r.pos
         WHERE r.run_id = $run AND r.expert >= 0 AND (r.weight IS NULL OR r.weight <> 0)
         GROUP BY ALL ORDER BY ALL""",
+    "transitions": """
+        WITH lay AS (SELECT layer, lead(layer) OVER (ORDER BY layer) AS next_layer FROM layers WHERE run_id = $run),
+             r AS (SELECT seq_id, pos, layer, expert FROM routing
+                   WHERE run_id = $run AND rank = 0 AND expert >= 0 AND (weight IS NULL OR weight <> 0))
+        SELECT a.layer, l.next_layer, a.expert, b.expert AS next_expert, count(*) AS count
+        FROM r a JOIN lay l ON a.layer = l.layer JOIN r b ON b.seq_id = a.seq_id AND b.pos = a.pos AND b.layer = l.next_layer
+        GROUP BY ALL ORDER BY ALL""",
 }
 
 
@@ -71,6 +80,8 @@ def derive(name: str, params: dict[str, Any], available: tuple[str, ...]) -> Cal
     if (name == "expert_top_tokens" and params.get("target", "input") == "input" and "token_expert" in have
             and set(params) <= {"layer", "expert", "n", "n_contexts", "window", "target", "phase"}):
         return lambda store, run: expert_top_tokens(store, run, **{k: v for k, v in params.items() if k not in ("target", "phase")})
+    if name == "cross_layer_transitions" and params.get("top1", True) is True and "transitions" in have:
+        return transitions
     if name == "shared_expert_stats" and not params:
         return shared_expert_stats
     return None
@@ -188,6 +199,14 @@ def coactivation(store: Any, run: int) -> pd.DataFrame:
                 "baseline": (k - 1) / (E - 1) if E > 1 else np.nan,
             }))
     return _params(pd.concat(frames, ignore_index=True), "coactivation", run, variant="all")
+
+
+def transitions(store: Any, run: int) -> pd.DataFrame:
+    """`moelens.analysis.cross_layer_transitions` (first choices) from the ``transitions`` summary."""
+    df = store.read_summary(run, "transitions").to_pandas()
+    df = df.sort_values(["layer", "expert", "next_expert"]).reset_index(drop=True)
+    df["p"] = df["count"] / df.groupby(["layer", "expert"])["count"].transform("sum")
+    return _params(df[["layer", "next_layer", "expert", "next_expert", "count", "p"]], "cross_layer_transitions", run, top1=True)
 
 
 def expert_top_tokens(store: Any, run: int, layer: int, expert: int, n: int = 20, n_contexts: int = 3, window: int = 8) -> pd.DataFrame:
