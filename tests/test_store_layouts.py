@@ -367,6 +367,8 @@ def test_v1_store_read_only_untouched_then_migrated_on_write(tmp_path) -> None:
     assert ro.run_version(1) == (str(old.resolve()), 1, "2026-11-01 10:00:00", "complete")
     assert _digest(old) == before  # nothing was written
     store = TraceStore(old)  # opened for writing: migrated in place
+    store.append(1, {"expert_contributions": {"seq_id": [0], "pos": [0], "layer": [0], "rank": [0], "norm": [2.5]}})
+    assert ro.query("SELECT norm FROM expert_contributions")["norm"].tolist() == [2.5]  # the reader sees the real table now
     fresh = TraceStore(tmp_path / "v2.duckdb")
     assert _schema(old) == _schema(fresh.path)
     assert store.query("SELECT value FROM meta WHERE key = 'schema_version'")["value"][0] == str(SCHEMA_VERSION)

@@ -135,8 +135,8 @@ class TraceStore:
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=not write and self.path.exists())
-                for shim in () if write else self._shims:
-                    con.execute(shim)
+                if self._shims and not write:
+                    self._apply_shims(con)
                 break
             except duckdb.IOException as exc:
                 text = str(exc)
@@ -159,6 +159,13 @@ class TraceStore:
             yield con
         finally:
             con.close()
+
+    def _apply_shims(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Stand-ins for what an older file lacks, unless a writer has migrated it since we opened it."""
+        if con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]:
+            self._shims = ()
+        for shim in self._shims:
+            con.execute(shim)
 
     def _check_schema(self) -> None:
         """Create the tables in a new file; refuse files of a newer schema or that are not stores."""
@@ -197,7 +204,7 @@ class TraceStore:
         elif version < SCHEMA_VERSION:
             if self.read_only:
                 with self.connect() as con:
-                    self._shims = _shims(con)
+                    self._shims = _shims(con)  # applied by every later read connection
             else:
                 with self.connect(write=True) as con:
                     try:
