@@ -320,15 +320,29 @@ class DatasetStore(TraceStore):
             folder = folder / f"shard={int(shard)}"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{uuid.uuid4().hex}.parquet.tmp"
-        writer = None
+        writer, pending, n_pending = None, [], 0
+
+        def flush(final: bool = False) -> None:
+            """Write whole row groups of ROW_GROUP_ROWS (and, at the end, the rest)."""
+            nonlocal writer, pending, n_pending
+            if not pending:
+                return
+            rows = pa.concat_tables([p if isinstance(p, pa.Table) else pa.Table.from_batches([p]) for p in pending])
+            cut = rows.num_rows if final else rows.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, rows.schema, compression="zstd")
+            writer.write_table(rows.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+            pending = [rows.slice(cut)] if cut < rows.num_rows else []
+            n_pending = rows.num_rows - cut
+
         try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-                writer.write_table(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch,
-                                   row_group_size=ROW_GROUP_ROWS)
+            for batch in batches:  # gathered into row groups of ~ROW_GROUP_ROWS (readers' batches are smaller)
+                if batch.num_rows:
+                    pending.append(batch)
+                    n_pending += batch.num_rows
+                    if n_pending >= ROW_GROUP_ROWS:
+                        flush()
+            flush(final=True)
             if writer is None:
                 return None
             writer.close()
