@@ -21,6 +21,10 @@ from moelens.store.store import TraceStore, _ident
 #: Arrow batch size for streaming rows between stores.
 BATCH_ROWS = 1 << 20
 
+#: Tokens per sorted read when exporting: each shard is written from ORDER BY queries over seq_id ranges this
+#: large, so the sort stays small (cache-friendly, no spilling) whatever the run's size.
+SORT_TOKENS = 1 << 15
+
 
 def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int = 1, overwrite: bool = False) -> list[Path]:
     """Write run ``run_id`` of ``src`` into the dataset at ``folder`` as ``shards`` partitions of whole sequences."""
@@ -47,7 +51,7 @@ def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int 
     dst._discard(run_id)  # the replaced run, or files an interrupted export left behind
     dst._run_dir(run_id).mkdir(parents=True)
     written: list[Path | None] = []
-    bounds = _shard_bounds(src, run_id, shards)
+    plan = _plan(src, run_id, shards)
     with src.connect() as con:
         for table in RUN_TABLES:
             cols = ", ".join(_ident(c) for c, _ in contract()[table] if c != "run_id")
@@ -56,9 +60,10 @@ def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int 
             if table == "layers":
                 written.append(dst._write_part(table, run_id, None, _batches(con, f"SELECT {cols} FROM {table} WHERE run_id = ?{order}", [run_id])))
                 continue
-            for shard, (lo, hi) in enumerate(bounds):
-                sql = f"SELECT {cols} FROM {table} WHERE run_id = ? AND seq_id >= ? AND seq_id < ?{order}"
-                written.append(dst._write_part(table, run_id, shard, _batches(con, sql, [run_id, lo, hi])))
+            sql = f"SELECT {cols} FROM {table} WHERE run_id = ? AND seq_id >= ? AND seq_id < ?{order}"
+            for shard, ranges in enumerate(plan):
+                batches = (b for lo, hi in ranges for b in _batches(con, sql, [run_id, lo, hi]))
+                written.append(dst._write_part(table, run_id, shard, batches))
         for shard in dst._shards_on_disk(run_id):
             dst._mark_shard(run_id, shard)
         row = con.sql("SELECT * EXCLUDE (run_id) FROM runs WHERE run_id = ?", params=[run_id]).to_arrow_table()
@@ -123,18 +128,27 @@ def _batches(con: Any, sql: str, params: list[Any]):
     yield from reader
 
 
-def _shard_bounds(src: TraceStore, run_id: int, shards: int) -> list[tuple[int, int]]:
-    """Half-open seq_id ranges ``[lo, hi)`` of about equal token counts that cover every id (whole sequences)."""
-    lo, hi = -(2**31), 2**31  # every INTEGER seq_id
-    if shards == 1:
-        return [(lo, hi)]
+def _plan(src: TraceStore, run_id: int, shards: int) -> list[list[tuple[int, int]]]:
+    """Per shard, the half-open seq_id ranges ``[lo, hi)`` to read it in (~SORT_TOKENS tokens each). Shards hold
+    whole sequences and about equal token counts; together the ranges cover every INTEGER seq_id."""
+    lo, hi = -(2**31), 2**31
     counts = src.arrow("SELECT seq_id, count(*) AS n FROM tokens WHERE run_id = ? GROUP BY seq_id ORDER BY seq_id", [run_id])
     if counts.num_rows == 0:
         counts = src.arrow("SELECT seq_id, count(*) AS n FROM routing WHERE run_id = ? GROUP BY seq_id ORDER BY seq_id", [run_id])
     ids = counts.column("seq_id").to_numpy()
     n = counts.column("n").to_numpy().astype(np.float64)
     before = np.cumsum(n) - n  # tokens before each sequence
-    targets = n.sum() * np.arange(1, shards) / shards
-    cuts = sorted({int(ids[i]) for i in np.searchsorted(before, targets) if 0 < i < len(ids)})
-    edges = [lo, *cuts, hi]
-    return list(zip(edges[:-1], edges[1:]))
+    shard_of = np.minimum((before * shards // max(n.sum(), 1)).astype(np.int64), shards - 1)
+    piece = (before // SORT_TOKENS).astype(np.int64)
+    plan: list[list[tuple[int, int]]] = []
+    for s in np.unique(shard_of):
+        here = np.flatnonzero(shard_of == s)
+        starts = [int(ids[i]) for i in here[np.r_[True, np.diff(piece[here]) > 0]]]
+        plan.append(list(zip(starts, [*starts[1:], None])))
+    if not plan:
+        return [[(lo, hi)]]
+    for i in range(len(plan) - 1):  # a shard's last range ends where the next shard starts
+        plan[i][-1] = (plan[i][-1][0], plan[i + 1][0][0])
+    plan[0][0] = (lo, plan[0][0][1])
+    plan[-1][-1] = (plan[-1][-1][0], hi)
+    return [[(a, b if b is not None else hi) for a, b in ranges] for ranges in plan]
