@@ -58,9 +58,21 @@ def test_record_runs_show_export_delete(recorded, tmp_path) -> None:
     shown = json.loads(moelens("show", "1", "--db", db, "--format", "json").stdout)
     assert shown["run"]["model"] == "tiny:mixtral" and len(shown["layers"]) == 2
     assert "layers" in moelens("show", "1", "--db", db).stdout
-    moelens("export", "1", "--parquet", str(tmp_path / "pq"), "--db", db)
-    assert (tmp_path / "pq" / "routing.parquet").exists()
+    assert shown["summaries"] == [] and "summaries: none" in moelens("show", "1", "--db", db).stdout
+    pq = str(tmp_path / "pq")
+    moelens("export", "1", "--parquet", pq, "--db", db, "--shards", "2")
     moelens("record", "tiny:olmoe", "--text", "second run", "--db", db)
+    moelens("export", "2", "--parquet", pq, "--db", db)  # a second run into the same folder keeps the first
+    assert [r["run_id"] for r in json.loads(moelens("runs", "--db", pq, "--format", "json").stdout)] == [1, 2]
+    proc = moelens("export", "1", "--parquet", pq, "--db", db, check=False)
+    assert proc.returncode == 1 and "already holds run 1" in proc.stderr and "--overwrite" in proc.stderr
+    moelens("export", "1", "--parquet", pq, "--db", db, "--overwrite")
+    proc = moelens("export", "1", "--parquet", db, "--db", db, check=False)
+    assert proc.returncode == 1 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+    back = str(tmp_path / "back.duckdb")
+    assert "run 2 -> run 1" in moelens("import", pq, "--run", "2", "--db", back).stdout
+    assert "run 1 -> run 2" in moelens("import", pq, "--run", "1", "--db", back).stdout
+    assert json.loads(moelens("show", "2", "--db", back, "--format", "json").stdout)["layers"] == shown["layers"]
     moelens("delete", "2", "--yes", "--db", db)
     assert [r["run_id"] for r in json.loads(moelens("runs", "--db", db, "--format", "json").stdout)] == [1]
 
@@ -70,7 +82,7 @@ def test_csv_output(recorded) -> None:
     assert out.splitlines()[0].startswith("run_id,name,model")
 
 
-@pytest.mark.parametrize("command", [[], ["record"], ["runs"], ["show"], ["export"], ["delete"], ["analyze"], ["demo"], ["app"]])
+@pytest.mark.parametrize("command", [[], ["record"], ["runs"], ["show"], ["export"], ["import"], ["delete"], ["analyze"], ["demo"], ["app"]])
 def test_help(command) -> None:
     out = moelens(*command, "--help").stdout
     assert "Usage" in out

@@ -144,9 +144,10 @@ def test_export_parquet(store: TraceStore, tmp_path) -> None:
     run = store.create_run("m")
     store.append(run, {"routing": _routing(6)})
     paths = store.export_parquet(run, tmp_path / "out")
-    assert {p.name for p in paths} >= {"runs.parquet", "routing.parquet", "tokens.parquet"}
-    back = pd.read_parquet(tmp_path / "out" / "routing.parquet")
-    assert len(back) == 12 and set(back["run_id"]) == {run}
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in paths} == {
+        f"runs/run_id={run}/run.parquet", f"routing/run_id={run}/shard=0/part-00000.parquet"}
+    back = pd.read_parquet(tmp_path / "out" / "routing")  # a hive-partitioned dataset any Parquet reader opens
+    assert len(back) == 12 and set(back["run_id"].astype(int)) == {run} and set(back["shard"].astype(int)) == {0}
 
 
 def test_routing_rows_and_shared_session(store: TraceStore) -> None:

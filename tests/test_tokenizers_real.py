@@ -302,8 +302,9 @@ def test_store_written_before_the_special_column_gains_it(mixtral, tmp_path) -> 
 
     path = tmp_path / "old.duckdb"
     TraceStore(path)
-    with duckdb.connect(str(path)) as con:
+    with duckdb.connect(str(path)) as con:  # a version-1 file: before tokens.special
         con.execute("ALTER TABLE tokens DROP COLUMN special")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     run = record(*mixtral, "Paris", store=TraceStore(path), progress=False)
     assert TraceStore(path, read_only=True).tokens(run)["special"].tolist()[0] == "<s>"
 

@@ -54,7 +54,7 @@ if agree is not None and len(agree):
 if score:
     try:
         with st.spinner("Scoring each sequence …"):
-            per_seq = data.sequence_agreement(db, stamp, a, b)
+            per_seq = data.sequence_agreement(db, stamp, a, b, off="cmp_score")
         data.mark_computed(key)
     except Exception as exc:  # noqa: BLE001
         ui.show_error("Per-sequence agreement failed", exc)

@@ -1,11 +1,16 @@
-"""Cached, read-only access to the trace store for the app.
+"""Cached, read-only access to the trace store (a DuckDB file or a Parquet dataset) for the app.
 
-Every cached function takes ``(db, stamp, run, ...)``: ``stamp`` changes whenever the DuckDB file (or its
-WAL) changes, so a recording in another process shows up on the next rerun and nothing stale is served.
+Public functions take ``(db, stamp, run, ...)``. ``stamp`` changes whenever the store changes on disk; it only
+decides when to look the run up again (`run_key`: one tiny query). What is cached *per run* is keyed by
+``store.run_version(run)`` — (store, run, completion time, status) — plus the run's materialised summaries: a
+completed run is immutable, so recording another run into the same store keeps every cached result of this one,
+while a run still recording is re-read as its rows arrive.
 Connections are short-lived (`TraceStore` opens one per query), so the app never blocks a recorder for long.
 
-The analyses are *called*, never re-implemented: `analysis(ctx, "expert_load", run, by_label=True)` calls
-``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame.
+The analyses are *called*, never re-implemented: `analysis(db, "expert_load", run, by_label=True)` calls
+``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame — except where the run has
+a derived summary that answers the same question (`workbench.summaries`): then the page reads the summary
+(thousands of rows) instead of the routing (hundreds of millions on a real model).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 import importlib
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +28,7 @@ import streamlit as st
 
 from moelens.errors import MoelensError
 from moelens.store import TraceStore
+from workbench import summaries
 
 if TYPE_CHECKING:
     from moelens.analysis import RoutingData
@@ -36,16 +42,27 @@ class AnalysisUnavailable(RuntimeError):
 
 
 def stamp(db: str | Path) -> float:
-    """A value that changes whenever the store changes: newest mtime/size of the file and its WAL."""
+    """A value that changes whenever the store changes: newest mtime/size of the file and its WAL (of a
+    dataset: of its folders down to the shards, whose mtimes move when a part or marker lands)."""
     p = Path(db)
+    paths = [p, p.with_name(p.name + ".wal")]
+    if p.is_dir():
+        paths = [p, *p.glob("*"), *p.glob("*/run_id=*"), *p.glob("*/run_id=*/*")]
     vals = []
-    for q in (p, p.with_name(p.name + ".wal")):
+    for q in paths:
         try:
             s = q.stat()
             vals.append(s.st_mtime_ns / 1e9 + s.st_size * 1e-12)
         except OSError:
             pass
-    return max(vals) if vals else 0.0
+    return max(vals) + len(vals) * 1e-15 if vals else 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def run_key(db: str, stamp: float, run: int) -> tuple:
+    """The cache key of everything derived from ``run``: its `run_version` and materialised summary names."""
+    with batch(db) as store:
+        return store.run_version(int(run)), tuple(sorted(store.summary_names(int(run))))
 
 
 _checked: dict[tuple[str, float], TraceStore] = {}
@@ -85,7 +102,8 @@ def store_bundle(db: str, stamp: float) -> dict[str, Any]:
             "(SELECT count(*) FROM sequences) AS sequences"
         ).iloc[0]
         runs_df = store.runs()
-    size = Path(db).stat().st_size if Path(db).exists() else 0
+    p = Path(db)
+    size = sum(f.stat().st_size for f in p.rglob("*.parquet")) if p.is_dir() else p.stat().st_size if p.exists() else 0
     return {
         "runs_df": runs_df,
         "meta": dict(zip(meta["key"], meta["value"])),
@@ -104,9 +122,13 @@ def runs(db: str, stamp: float) -> pd.DataFrame:
     return store_bundle(db, stamp)["runs_df"]
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
 def run_bundle(db: str, stamp: float, run: int) -> dict[str, Any]:
     """One run's row, layers, sequences and experts per layer, in one connection."""
+    return _run_bundle(db, run_key(db, stamp, run), int(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _run_bundle(db: str, key: tuple, run: int) -> dict[str, Any]:
     with batch(db) as store:
         info = store.run(run)
         lay = store.layers(run)
@@ -141,9 +163,13 @@ def experts_of(db: str, stamp: float, run: int) -> dict[int, int]:
     return run_bundle(db, stamp, run)["experts"]
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
 def sequence_tokens(db: str, stamp: float, run: int, seq_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tokens of one sequence and their stored routing rows (as recorded, every layer)."""
+    """The tokens of one sequence and their stored routing rows (as recorded, every layer): a bounded read."""
+    return _sequence_tokens(db, run_key(db, stamp, run), int(run), int(seq_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _sequence_tokens(db: str, key: tuple, run: int, seq_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     with batch(db) as store:
         toks = store.tokens(run, seq_id)
         routing = store.query(
@@ -156,9 +182,13 @@ def sequence_tokens(db: str, stamp: float, run: int, seq_id: int) -> tuple[pd.Da
     return toks, routing
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
 def token_ids_for(db: str, stamp: float, run: int, texts: tuple[str, ...]) -> pd.DataFrame:
     """The token ids whose exact text is one of ``texts`` in this run, with how often each occurs."""
+    return _token_ids_for(db, run_key(db, stamp, run), int(run), tuple(texts))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _token_ids_for(db: str, key: tuple, run: int, texts: tuple[str, ...]) -> pd.DataFrame:
     if not texts:
         return pd.DataFrame(columns=["token", "token_id", "occurrences"])
     marks = ", ".join("?" for _ in texts)
@@ -193,14 +223,15 @@ def _function(name: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _analysis(db: str, stamp: float, name: str, run: int, params: tuple) -> Any:
-    fn = _function(name)
+def _analysis(db: str, key: tuple, name: str, run: int, params: tuple) -> Any:
+    derived = summaries.derive(name, dict(params), key[1])
     with batch(db) as store:
-        return fn(store, int(run), **dict(params))
+        frame = derived(store, int(run)) if derived is not None else None
+        return frame if frame is not None else _function(name)(store, int(run), **dict(params))
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _analysis_pair(db: str, stamp: float, name: str, run_a: int, run_b: int, params: tuple) -> Any:
+def _analysis_pair(db: str, keys: tuple, name: str, run_a: int, run_b: int, params: tuple) -> Any:
     fn = _function(name)
     with batch(db) as store:
         return fn(store, int(run_a), int(run_b), **dict(params))
@@ -216,28 +247,79 @@ def _freeze(params: dict[str, Any]) -> tuple:
 
 
 def analysis(db: str, name: str, run: int, **params: Any) -> Any:
-    """``moelens.analysis.<name>(store, run, **params)``, cached by (db, store stamp, run, params)."""
+    """``moelens.analysis.<name>(store, run, **params)`` (or the same frame from the run's summary), cached by
+    (db, run version, summaries, params)."""
     _function(name)  # raise AnalysisUnavailable before touching the cache
-    return _analysis(str(db), stamp(db), name, int(run), _freeze(params))
+    return _analysis(str(db), run_key(str(db), stamp(db), int(run)), name, int(run), _freeze(params))
 
 
 def analysis_pair(db: str, name: str, run_a: int, run_b: int, **params: Any) -> Any:
     """``moelens.analysis.<name>(store, run_a, run_b, **params)`` (e.g. ``run_agreement``), cached."""
     _function(name)
-    return _analysis_pair(str(db), stamp(db), name, int(run_a), int(run_b), _freeze(params))
+    now = stamp(db)
+    keys = (run_key(str(db), now, int(run_a)), run_key(str(db), now, int(run_b)))
+    return _analysis_pair(str(db), keys, name, int(run_a), int(run_b), _freeze(params))
 
 
-def _two_runs(db: str, run_a: int, run_b: int) -> tuple[RoutingData, RoutingData]:
-    """Both runs' routing for the run-vs-run views, read over one connection."""
+#: Tokens per batch of the streamed run-vs-run passes (~40 MB of dense routing per run at 48 layers × top-8).
+PASS_TOKENS = 1 << 14
+
+
+def full_pass(what: str, steps: list[Any], work: Callable[[Any], Any], *, off: str | None = None) -> list[Any]:
+    """``[work(step) for step in steps]`` with a progress bar and a Stop button: the way every page runs a pass
+    over a whole run. Stop interrupts the pass (Streamlit reruns the page at once) and its callback sets the
+    session-state toggle ``off`` to False so the pass does not start again; each ``work`` result that is cached
+    (``st.cache_data``) survives, so starting again resumes where it stopped."""
+    stop_key = f"_stop_{what}"
+
+    def stopped() -> None:
+        if off is not None:
+            st.session_state[off] = False
+
+    st.button("Stop", key=stop_key, on_click=stopped, icon=":material/stop_circle:", help=f"Stop {what}")
+    bar = st.progress(0.0, text=what)
+    out = []
+    for i, step in enumerate(steps):
+        out.append(work(step))
+        bar.progress((i + 1) / max(len(steps), 1), text=f"{what}: {i + 1} of {len(steps)}")
+    bar.empty()
+    return out
+
+
+def _read_range(store: TraceStore, run: int, lo: int, hi: int) -> RoutingData:
+    """The sequences ``lo..hi`` of a run as a small `RoutingData` (bounded reads: seq_id-range filters)."""
+    import numpy as np
+
     from moelens.analysis import RoutingData
 
-    with batch(db) as store:
-        return RoutingData.from_store(store, int(run_a)), RoutingData.from_store(store, int(run_b))
+    lay = summaries.run_layers(store, run)
+    toks = store.arrow("SELECT seq_id, pos, token_id FROM tokens WHERE run_id = ? AND seq_id BETWEEN ? AND ? "
+                       "ORDER BY seq_id, pos", [int(run), int(lo), int(hi)])
+    rows = store.arrow("SELECT seq_id, pos, layer, rank, expert, weight FROM routing WHERE run_id = ? "
+                       "AND seq_id BETWEEN ? AND ?", [int(run), int(lo), int(hi)])
+    seq, pos = toks.column("seq_id").to_numpy(), toks.column("pos").to_numpy()
+    col = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names}
+    key_t = seq.astype(np.int64) << 32 | pos
+    key_r = col["seq_id"].astype(np.int64) << 32 | col["pos"]
+    T, K = len(seq), int(lay["top_k"].max()) if len(lay) else 1
+    t = np.minimum(np.searchsorted(key_t, key_r), max(T - 1, 0))
+    slot = np.full(int(lay["layer"].max()) + 1 if len(lay) else 0, -1)
+    slot[lay["layer"].to_numpy()] = np.arange(len(lay))
+    layer = col["layer"].astype(np.int64)
+    li = np.where((layer >= 0) & (layer < len(slot)), slot[np.clip(layer, 0, max(len(slot) - 1, 0))], -1)
+    ok = (T > 0) & (key_t[t] == key_r) & (li >= 0) & (col["rank"] < K) if T else np.zeros(len(key_r), bool)
+    experts = np.full((len(lay), T, K), -1, np.int16)
+    weights = np.zeros((len(lay), T, K), np.float32)
+    experts[li[ok], t[ok], col["rank"][ok]] = col["expert"][ok]
+    weights[li[ok], t[ok], col["rank"][ok]] = col["weight"][ok]
+    return RoutingData.from_arrays(experts, weights, n_experts=lay["n_experts"].tolist(), layer_ids=lay["layer"].tolist(),
+                                   top_k=lay["top_k"].tolist(), seq_id=seq, pos=pos, token_id=toks.column("token_id").to_numpy())
 
 
 def _agreement_per(a: RoutingData, b: RoutingData, key: str, values: Iterable[Any]) -> pd.DataFrame:
     """``run_agreement`` of ``a`` and ``b`` restricted to each value of their ``key`` field (``seq_id``,
-    ``pos``) in turn, ``key`` as the first column; values where the runs share no token are left out."""
+    ``pos``) in turn, ``key`` as the first column; values where the runs share no token are left out.
+    ``a`` and ``b`` are one bounded batch, so the per-value selections stay cheap."""
     from moelens.analysis import run_agreement
 
     frames = []
@@ -246,30 +328,53 @@ def _agreement_per(a: RoutingData, b: RoutingData, key: str, values: Iterable[An
         if len(part):
             part.insert(0, key, int(v))
             frames.append(part)
-    if not frames:
-        return pd.DataFrame(columns=[key, "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else _no_agreement(key)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int) -> pd.DataFrame:
+def _no_agreement(key: str) -> pd.DataFrame:
+    return pd.DataFrame(columns=[key, "layer", "n_tokens", "top1_agreement", "topk_overlap", "k", "baseline"])
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _agreement_batch(db: str, keys: tuple, run_a: int, run_b: int, seq_ids: tuple[int, ...]) -> pd.DataFrame:
+    with batch(db) as store:
+        a = _read_range(store, run_a, seq_ids[0], seq_ids[-1])
+        b = _read_range(store, run_b, seq_ids[0], seq_ids[-1])
+    return _agreement_per(a, b, "seq_id", seq_ids)
+
+
+def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int, *, off: str | None = None) -> pd.DataFrame:
     """``moelens.analysis.run_agreement`` of two runs restricted to each shared sequence in turn: one row per
-    (seq_id, layer), so the sequences whose routing changed most can be ranked. Analysis code does the scoring."""
+    (seq_id, layer), so the sequences whose routing changed most can be ranked. One streamed pass over both
+    runs in batches of whole sequences (bounded memory, progress, Stop); analysis code does the scoring."""
     import numpy as np
 
-    a, b = _two_runs(db, run_a, run_b)
-    return _agreement_per(a, b, "seq_id", np.intersect1d(np.unique(a.seq_id), np.unique(b.seq_id)))
+    keys = (run_key(db, stamp, run_a), run_key(db, stamp, run_b))
+    seqs_a, seqs_b = sequences(db, stamp, run_a), sequences(db, stamp, run_b)
+    common = np.intersect1d(seqs_a["seq_id"].to_numpy(), seqs_b["seq_id"].to_numpy())
+    sizes = seqs_a.set_index("seq_id")["n_tokens"].reindex(common).fillna(1).to_numpy()
+    group = (np.cumsum(sizes) - sizes) // PASS_TOKENS
+    batches = [tuple(int(v) for v in common[group == g]) for g in np.unique(group)]
+    parts = full_pass("Scoring every sequence", batches,
+                      lambda ids: _agreement_batch(db, keys, int(run_a), int(run_b), ids), off=off)
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else _no_agreement("seq_id")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def token_agreement_in_sequence(db: str, stamp: float, run_a: int, run_b: int, seq_id: int, max_tokens: int = 1024) -> pd.DataFrame:
-    """Per (pos, layer) of one shared sequence: ``run_agreement`` of the two runs restricted to that single
-    token (``topk_overlap`` < 1 = its expert set changed). Used to outline changed tokens in the Compare view."""
+def _token_agreement(db: str, keys: tuple, run_a: int, run_b: int, seq_id: int, max_tokens: int) -> pd.DataFrame:
     import numpy as np
 
-    a, b = _two_runs(db, run_a, run_b)
-    sa, sb = a.select(a.seq_id == seq_id), b.select(b.seq_id == seq_id)
-    return _agreement_per(sa, sb, "pos", np.intersect1d(sa.pos, sb.pos)[:max_tokens])
+    with batch(db) as store:
+        a, b = _read_range(store, run_a, seq_id, seq_id), _read_range(store, run_b, seq_id, seq_id)
+    return _agreement_per(a, b, "pos", np.intersect1d(a.pos, b.pos)[:max_tokens])
+
+
+def token_agreement_in_sequence(db: str, stamp: float, run_a: int, run_b: int, seq_id: int, max_tokens: int = 1024) -> pd.DataFrame:
+    """Per (pos, layer) of one shared sequence: ``run_agreement`` of the two runs restricted to that single
+    token (``topk_overlap`` < 1 = its expert set changed). Reads only that sequence of each run."""
+    keys = (run_key(db, stamp, run_a), run_key(db, stamp, run_b))
+    return _token_agreement(db, keys, int(run_a), int(run_b), int(seq_id), int(max_tokens))
 
 
 #: (kind, db, stamp, run, params) of slow results computed in this process (e.g. UMAP maps), so pages can

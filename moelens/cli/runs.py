@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -32,7 +33,7 @@ def show(run: int = typer.Argument(..., help="Run id."), db: Path = db_option(),
     store = TraceStore(db, read_only=True)
     info = store.run(run)
     if fmt == "json":
-        out = {"run": info, "layers": store.layers(run).to_dict("records")}
+        out = {"run": info, "layers": store.layers(run).to_dict("records"), "summaries": sorted(store.summary_names(run))}
         sys.stdout.write(json.dumps(out, default=str, indent=2) + "\n")
         return
     for key, value in info.items():
@@ -40,20 +41,36 @@ def show(run: int = typer.Argument(..., help="Run id."), db: Path = db_option(),
     if info["status"] != "complete":
         err_console.print(f"[yellow]run {run} is {info['status']}[/]: its rows are partial ({info.get('error') or 'interrupted'})")
     emit(store.layers(run), fmt, title="layers")
+    console.print(f"[bold]summaries[/]: {', '.join(sorted(store.summary_names(run))) or 'none'}", highlight=False)
     seqs = store.sequences(run)
     emit(seqs.drop(columns=["text"]).head(20), fmt, title=f"sequences (first 20 of {len(seqs)})")
 
 
 @app.command()
-def export(run: int = typer.Argument(...), parquet: Path = typer.Option(..., "--parquet", help="Output folder."),
-           db: Path = db_option()) -> None:
-    """Export one run's tables as Parquet files (one per table)."""
+def export(run: int = typer.Argument(...),
+           parquet: Path = typer.Option(..., "--parquet", help="Dataset folder (new, empty, or a moelens dataset: its other runs are kept)."),
+           db: Path = db_option(),
+           shards: int = typer.Option(1, "--shards", min=1, help="Split the run by whole sequences into N shards (units of distributed work)."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run if the dataset already holds its id.")) -> None:
+    """Export one run into a partitioned Parquet dataset (DIR/<table>/run_id=R/shard=S/part-N.parquet)."""
     from moelens.store import TraceStore
 
     if parquet.exists() and not parquet.is_dir():
-        raise InputError(f"--parquet {parquet} is a file; give a folder to write the Parquet files into")
-    paths = TraceStore(db, read_only=True).export_parquet(run, parquet)
-    console.print(f"wrote {len(paths)} files to {parquet}")
+        raise InputError(f"--parquet {parquet} is a file; give a folder to write the Parquet dataset into")
+    paths = TraceStore(db, read_only=True).export_parquet(run, parquet, shards=shards, overwrite=overwrite)
+    console.print(f"run {run} -> {parquet}: {len(paths)} files in {shards} shard(s); open it with --db {parquet}")
+
+
+@app.command("import")
+def import_(folder: Path = typer.Argument(..., help="A Parquet dataset folder written by moelens export."),
+            run: Optional[list[int]] = typer.Option(None, "--run", help="Run id in the dataset (repeatable; default: all)."),
+            db: Path = db_option()) -> None:
+    """Load a Parquet dataset's runs into a DuckDB store as new runs (prints old id -> new id)."""
+    from moelens.store import TraceStore
+
+    mapping = TraceStore(db).import_parquet(folder, run or None)
+    for old, new in mapping.items():
+        console.print(f"run {old} -> run {new} in {db}")
 
 
 @app.command()

@@ -1,21 +1,56 @@
 """The trace store's tables: the public SQL contract of moelens.
 
 Every table is long and narrow with small integer ids so DuckDB compresses and scans it fast.
-The column names here are documented in the README; renaming one is a schema change
-(bump ``SCHEMA_VERSION`` and add a migration note).
+The column names here are documented in the README. Changing the layout is a schema change: edit ``DDL``
+(what a new store gets) *and* append the statements that bring an older store there to ``MIGRATIONS``
+(what an existing store gets); ``tests/test_store.py`` checks that a migrated v1 store ends with exactly
+the tables and columns of a new one.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
+import duckdb
 import pyarrow as pa
 
 #: Version of the table layout written by this moelens. A file with a larger number was written by a
 #: newer moelens and is refused rather than misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Run states. A run is ``complete`` only after its last chunk is written; a crash leaves ``recording``
 #: (shown as interrupted) and Ctrl-C or an exception leaves ``failed``.
 RUN_STATUSES = ("recording", "complete", "failed")
+
+# Output norm ||f_j(x)||_2 of the expert in each routed slot (optional, for pruning scores).
+EXPERT_CONTRIBUTIONS = """CREATE TABLE IF NOT EXISTS expert_contributions (
+    run_id INTEGER NOT NULL,
+    seq_id INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    layer SMALLINT NOT NULL,
+    rank UTINYINT NOT NULL,
+    norm FLOAT
+)"""
+
+# cos(x, x + r) of each MoE block's residual update (optional; EASY-EP, arXiv 2504.06792).
+BLOCK_RESIDUALS = """CREATE TABLE IF NOT EXISTS block_residuals (
+    run_id INTEGER NOT NULL,
+    seq_id INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    layer SMALLINT NOT NULL,
+    cos FLOAT
+)"""
+
+# Which derived summary tables (``summary_<name>``) hold rows of which run. A summary with zero rows is
+# still materialised, which a bare table scan could not tell apart from "never computed".
+SUMMARIES = """CREATE TABLE IF NOT EXISTS summaries (
+    run_id INTEGER NOT NULL,
+    name VARCHAR NOT NULL,
+    n_rows BIGINT,
+    columns VARCHAR[],
+    written_at TIMESTAMP DEFAULT current_timestamp
+)"""
 
 DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS meta (
@@ -101,33 +136,30 @@ DDL: tuple[str, ...] = (
         layer SMALLINT NOT NULL,
         gate FLOAT
     )""",
-    # Optional (recorded with --contributions): ‖f_j(x)‖₂ of the expert in routing slot ``rank`` before gating,
-    # and cos(x, x + r) of the residual entering the MoE block and after the routed experts are added.
-    """CREATE TABLE IF NOT EXISTS expert_contributions (
-        run_id INTEGER NOT NULL,
-        seq_id INTEGER NOT NULL,
-        pos INTEGER NOT NULL,
-        layer SMALLINT NOT NULL,
-        rank UTINYINT NOT NULL,
-        norm FLOAT
-    )""",
-    """CREATE TABLE IF NOT EXISTS block_residuals (
-        run_id INTEGER NOT NULL,
-        seq_id INTEGER NOT NULL,
-        pos INTEGER NOT NULL,
-        layer SMALLINT NOT NULL,
-        cos FLOAT
-    )""",
+    EXPERT_CONTRIBUTIONS,
+    BLOCK_RESIDUALS,
+    SUMMARIES,
 )
 
-#: Nullable columns added to version-1 tables: a file written before them gains them in place when it is
-#: opened for writing (rows recorded earlier read NULL). ``tokens.special``: a special token's name
-#: (``<s>``, ``[INST]``); its ``token`` text is then ``""``.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("tokens", "special", "VARCHAR"),)
+#: How an older store reaches ``SCHEMA_VERSION``: ``(version, statement)`` pairs in order. Opening an older
+#: store for writing runs, in one transaction, every statement whose version is above the store's, then
+#: records the new version. Every statement is idempotent (``IF NOT EXISTS``), so a partly migrated
+#: file (there is none: the transaction is atomic) or a rerun is harmless. Append; never edit a released step.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (2, EXPERT_CONTRIBUTIONS),
+    (2, BLOCK_RESIDUALS),
+    (2, SUMMARIES),
+    (2, "ALTER TABLE tokens ADD COLUMN IF NOT EXISTS special VARCHAR"),
+)
 
 #: Tables that hold per-run rows (deleted with the run, exported with it). ``runs`` itself is last.
-RUN_TABLES = ("layers", "sequences", "tokens", "routing", "router_logits", "shared_experts",
-              "expert_contributions", "block_residuals")
+RUN_TABLES = (
+    "layers", "sequences", "tokens", "routing", "router_logits", "shared_experts", "expert_contributions", "block_residuals",
+)
+
+#: Columns that order the rows of a table inside a Parquet shard (the first ones the table has), so that
+#: seq_id-range filters skip whole row groups.
+SORT_KEYS = ("seq_id", "pos", "layer", "rank")
 
 #: Arrow schemas used for appends: the recorder builds batches with exactly these types.
 ARROW_SCHEMAS: dict[str, pa.Schema] = {
@@ -234,3 +266,38 @@ RUN_FIELDS = (
     "intervention",
     "metadata",
 )
+
+
+#: Derived summary tables are named ``summary_<name>``; names are plain identifiers because they become SQL
+#: table and folder names.
+SUMMARY_PREFIX = "summary_"
+_SUMMARY_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def summary_table(name: str) -> str:
+    """The table that holds summary ``name``; refuses names that are not lower-case identifiers."""
+    if not isinstance(name, str) or not _SUMMARY_NAME.fullmatch(name):
+        raise ValueError(f"summary name must be a lower-case identifier (letters, digits, _), not {name!r}")
+    return SUMMARY_PREFIX + name
+
+
+@functools.cache
+def contract() -> dict[str, tuple[tuple[str, str], ...]]:
+    """Every table of the current schema with its ``(column, DuckDB type)`` pairs, in order.
+
+    Read from ``DDL`` itself (run in an in-memory database), so the Parquet layout's views and the shims
+    that let a read-only older store answer like a current one can never disagree with the file layout.
+    """
+    con = duckdb.connect()
+    try:
+        for ddl in DDL:
+            con.execute(ddl)
+        rows = con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, list[tuple[str, str]]] = {}
+    for table, column, dtype in rows:
+        out.setdefault(table, []).append((column, dtype))
+    return {t: tuple(cols) for t, cols in out.items()}

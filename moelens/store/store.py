@@ -1,8 +1,11 @@
-"""`TraceStore`: one DuckDB file holding many routing runs.
+"""`TraceStore`: one DuckDB file holding many routing runs (or, through the same class, a Parquet dataset).
 
 Connections are short-lived on purpose. DuckDB lets one process write *or* many processes read a file;
 by opening a connection only for the duration of one append or one query, a recorder and the app can
 share a store: each waits briefly (with retries) for the other's lock instead of failing.
+
+``TraceStore(path)`` opens either layout: a folder holding ``moelens_dataset.json`` is the partitioned
+Parquet dataset (`moelens.store.dataset.DatasetStore`, same tables and methods), anything else a DuckDB file.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from moelens.errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from moelens.store.schema import ADDED_COLUMNS, ARROW_SCHEMAS, DDL, RUN_FIELDS, RUN_TABLES, SCHEMA_VERSION
+from moelens.store.schema import (
+    ARROW_SCHEMAS,
+    DDL,
+    MIGRATIONS,
+    RUN_FIELDS,
+    RUN_TABLES,
+    SCHEMA_VERSION,
+    contract,
+    summary_table,
+)
 
 DEFAULT_DB = Path("traces") / "moelens.duckdb"
 
@@ -38,6 +50,13 @@ ROW_GROUP = 122_880
 #: How long to keep retrying when another process holds the file lock.
 LOCK_TIMEOUT_S = 30.0
 
+#: The file that makes a folder a moelens Parquet dataset (format and schema version).
+DATASET_MARKER = "moelens_dataset.json"
+
+LAYOUTS = ("duckdb", "parquet")
+
+_FINISH_SQL = "UPDATE runs SET status = ?, error = ?, finished_at = current_timestamp WHERE run_id = ?"
+
 
 def _version() -> str:
     from moelens import __version__
@@ -46,19 +65,35 @@ def _version() -> str:
 
 
 class TraceStore:
-    """A moelens trace store (DuckDB file).
+    """A moelens trace store (DuckDB file, or a Parquet dataset folder).
 
     ``TraceStore(path)`` creates the file if needed; ``TraceStore(path, read_only=True)`` never writes and
     refuses a missing file. Every method opens its own connection, so the object is cheap and safe to keep.
+    ``layout="parquet"`` creates a new dataset folder; an existing one is recognised by its marker file.
+
+    Opening an older (schema v1) file for writing migrates it in place, in one transaction; opened read-only it
+    is left untouched and answers like a current store (temporary views stand in for the missing tables).
     """
 
-    def __init__(self, path: str | Path = DEFAULT_DB, *, read_only: bool = False, lock_timeout: float = LOCK_TIMEOUT_S):
+    def __new__(cls, path: str | Path = DEFAULT_DB, *args: Any, layout: str | None = None, **kwargs: Any) -> TraceStore:
+        if cls is TraceStore and _is_dataset(Path(path), layout):
+            from moelens.store.dataset import DatasetStore
+
+            cls = DatasetStore
+        return super().__new__(cls)
+
+    def __init__(self, path: str | Path = DEFAULT_DB, *, read_only: bool = False, lock_timeout: float = LOCK_TIMEOUT_S,
+                 layout: str | None = None):
         self.path = Path(path)
         self.read_only = read_only
         self._session: duckdb.DuckDBPyConnection | None = None
+        self._shims: tuple[str, ...] = ()
         self.lock_timeout = lock_timeout
         if self.path.is_dir():
-            raise StoreError(f"{self.path} is a folder; give the path of a .duckdb file inside it, e.g. {self.path / 'moelens.duckdb'}")
+            raise StoreError(
+                f"{self.path} is a folder but not a moelens Parquet dataset (it has no {DATASET_MARKER}). Give the path "
+                f"of a .duckdb file (e.g. {self.path / 'moelens.duckdb'}) or a folder written by `moelens export`."
+            )
         if read_only and not self.path.exists():
             raise StoreNotFoundError(
                 f"No trace store at {self.path}. Record one first, e.g.\n"
@@ -100,6 +135,8 @@ class TraceStore:
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=not write and self.path.exists())
+                if self._shims and not write:
+                    self._apply_shims(con)
                 break
             except duckdb.IOException as exc:
                 text = str(exc)
@@ -122,6 +159,13 @@ class TraceStore:
             yield con
         finally:
             con.close()
+
+    def _apply_shims(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Stand-ins for what an older file lacks, unless a writer has migrated it since we opened it."""
+        if con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]:
+            self._shims = ()
+        for shim in self._shims:
+            con.execute(shim)
 
     def _check_schema(self) -> None:
         """Create the tables in a new file; refuse files of a newer schema or that are not stores."""
@@ -157,18 +201,17 @@ class TraceStore:
                 f"{self.path} has schema version {version}, newer than this moelens understands ({SCHEMA_VERSION}). "
                 "Upgrade moelens (pip install -U moelens) to read it; the file was left untouched."
             )
-        elif not self.read_only:
-            self._add_columns()
-
-    def _add_columns(self) -> None:
-        """Give a file written before `ADDED_COLUMNS` those nullable columns (one write, only when missing)."""
-        with self.connect() as con:
-            have = set(con.execute("SELECT table_name || '.' || column_name FROM information_schema.columns").fetchall())
-        missing = [(t, c, ty) for t, c, ty in ADDED_COLUMNS if (f"{t}.{c}",) not in have]
-        if missing:
-            with self.connect(write=True) as con:
-                for table, column, sql_type in missing:
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
+        elif version < SCHEMA_VERSION:
+            if self.read_only:
+                with self.connect() as con:
+                    self._shims = _shims(con)  # applied by every later read connection
+            else:
+                with self.connect(write=True) as con:
+                    try:
+                        _migrate(con, version)
+                    except duckdb.Error as exc:
+                        raise StoreError(f"{self.path}: migrating schema {version} -> {SCHEMA_VERSION} failed ({str(exc).splitlines()[0]}); "
+                                         "the file was left as it was") from exc
 
     @staticmethod
     def _create(con: duckdb.DuckDBPyConnection) -> None:
@@ -185,59 +228,36 @@ class TraceStore:
 
     def create_run(self, model: str, **fields: Any) -> int:
         """Register a new run in state ``recording`` and return its id."""
-        unknown = set(fields) - set(RUN_FIELDS)
-        if unknown:
-            raise TypeError(f"unknown run fields: {sorted(unknown)}")
-        values = {"model": model, **fields}
-        for key in ("intervention", "metadata"):
-            if key in values and values[key] is not None and not isinstance(values[key], str):
-                values[key] = json.dumps(values[key], sort_keys=True)
-        cols = list(values)
+        values = _run_values({"model": model, **fields})
         with self.connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
-            con.execute(
-                f"INSERT INTO runs (run_id, status, moelens_version, schema_version, {', '.join(cols)}) "
-                f"VALUES (?, 'recording', ?, ?, {', '.join('?' for _ in cols)})",
-                [run_id, _version(), SCHEMA_VERSION, *values.values()],
-            )
+            _insert_run(con, run_id, values)
             con.execute("COMMIT")
         return int(run_id)
 
     def finish_run(self, run_id: int, status: str = "complete", error: str | None = None) -> None:
         """Mark a run ``complete`` (after its last append) or ``failed`` (with the reason)."""
-        if status not in ("complete", "failed"):
-            raise ValueError(f"status must be 'complete' or 'failed', not {status!r}")
+        _check_status(status)
         with self.connect(write=True) as con:
-            con.execute(
-                "UPDATE runs SET status = ?, error = ?, finished_at = current_timestamp WHERE run_id = ?",
-                [status, error, run_id],
-            )
+            con.execute(_FINISH_SQL, [status, error, run_id])
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         """Set run fields known only after recording starts (e.g. metadata totals)."""
-        unknown = set(fields) - set(RUN_FIELDS)
-        if unknown:
-            raise TypeError(f"unknown run fields: {sorted(unknown)}")
-        if not fields:
+        values = _run_values(fields)
+        if not values:
             return
-        values = {k: (json.dumps(v, sort_keys=True) if k in ("intervention", "metadata") and v is not None and not isinstance(v, str) else v) for k, v in fields.items()}
-        sets = ", ".join(f"{k} = ?" for k in values)
         with self.connect(write=True) as con:
-            con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*values.values(), run_id])
+            con.execute(_update_sql(values), [*values.values(), run_id])
 
-    def append(self, run_id: int, tables: Mapping[str, pa.Table | pa.RecordBatch | Mapping[str, Any]]) -> None:
+    def append(self, run_id: int, tables: Mapping[str, pa.Table | pa.RecordBatch | Mapping[str, Any]], *, shard: int = 0) -> None:
         """Append rows to several per-run tables in one transaction (all or nothing).
 
         Values are Arrow tables/batches or dicts of columns (numpy arrays or lists) without ``run_id``;
-        ``run_id`` is filled in here and types are cast to the store's Arrow schema.
+        ``run_id`` is filled in here and types are cast to the store's Arrow schema. ``shard`` names the
+        writer's part of the run in the Parquet layout; a DuckDB file has one writer and no shards.
         """
-        prepared: list[tuple[str, pa.Table]] = []
-        for name, data in tables.items():
-            if name not in ARROW_SCHEMAS:
-                raise ValueError(f"unknown table {name!r}; expected one of {sorted(ARROW_SCHEMAS)}")
-            prepared.append((name, _to_arrow(name, run_id, data)))
-        prepared = [(n, t) for n, t in prepared if t.num_rows]
+        prepared = _prepare(run_id, tables)
         if not prepared:
             return
         with self.connect(write=True) as con:
@@ -304,29 +324,110 @@ class TraceStore:
             "ORDER BY seq_id, pos, layer, rank", [int(run_id), *params])
 
     def delete_run(self, run_id: int) -> None:
-        """Delete a run and all its rows in one transaction."""
+        """Delete a run, all its rows and its summaries in one transaction."""
         self.run(run_id)
+        names = self.summary_names(run_id)
         with self.connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
-            for table in RUN_TABLES:
-                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [int(run_id)])
+            for table in (*RUN_TABLES, *(summary_table(n) for n in sorted(names)), "summaries"):
+                con.execute(f'DELETE FROM "{table}" WHERE run_id = ?', [int(run_id)])
             con.execute("DELETE FROM runs WHERE run_id = ?", [int(run_id)])
             con.execute("COMMIT")
 
-    def export_parquet(self, run_id: int, folder: str | Path) -> list[Path]:
-        """Write the run's rows as one Parquet file per table (the scale-out layout) and return the paths."""
+    def run_version(self, run_id: int) -> tuple:
+        """A cache key for everything derived from a run: ``(store, run_id, finished_at, status)``.
+
+        A finished run is immutable, so this key changes when the run finishes (or is deleted and its id reused),
+        never when another run is recorded into the same store. A run still ``recording`` also carries the
+        store's current data state, so its key moves with every append.
+        """
+        row = self.query("SELECT finished_at, status FROM runs WHERE run_id = ?", [int(run_id)])
+        if row.empty:
+            self.run(run_id)  # raises RunNotFoundError listing the ids
+        finished, status = row.iloc[0]
+        key = (str(self.path.resolve()), int(run_id), None if pd.isna(finished) else str(finished), str(status))
+        return key if status != "recording" else (*key, self._data_state(int(run_id)))
+
+    def _data_state(self, run_id: int) -> tuple:
+        """What changes when rows are appended (the file and its write-ahead log)."""
+        out = []
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                out.append((st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def shard_ids(self, run_id: int) -> list[int]:
+        """The shards a run was written in; a DuckDB file holds each run as the single shard 0."""
         self.run(run_id)
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
+        return [0]
+
+    # -- derived summaries ---------------------------------------------------------------------------
+
+    def write_summary(self, run_id: int, name: str, table: pa.Table) -> None:
+        """Store ``table`` as run ``run_id``'s rows of ``summary_<name>``, replacing any earlier ones, atomically.
+
+        The table is created from the Arrow schema (with a leading ``run_id``) the first time; columns a later
+        definition adds are added. Summaries are derived from ``routing`` and can always be rebuilt.
+        """
+        target = _summary_target(name, table)
+        self.run(run_id)
+        with self.connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.register("_moelens_summary", table)
+                con.execute(f'CREATE TABLE IF NOT EXISTS "{target}" AS '
+                            "SELECT CAST(NULL AS INTEGER) AS run_id, * FROM _moelens_summary LIMIT 0")
+                have = {r[0] for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main' "
+                    "AND table_catalog = current_database()", [target]).fetchall()}
+                for column, dtype, *_ in con.execute("DESCRIBE SELECT * FROM _moelens_summary").fetchall():
+                    if column not in have:
+                        con.execute(f'ALTER TABLE "{target}" ADD COLUMN {_ident(column)} {dtype}')
+                cols = ", ".join(_ident(c) for c in table.column_names)
+                con.execute(f'DELETE FROM "{target}" WHERE run_id = ?', [int(run_id)])
+                con.execute(f'INSERT INTO "{target}" (run_id, {cols}) SELECT ?, {cols} FROM _moelens_summary', [int(run_id)])
+                con.execute("DELETE FROM summaries WHERE run_id = ? AND name = ?", [int(run_id), name])
+                con.execute("INSERT INTO summaries (run_id, name, n_rows, columns) VALUES (?, ?, ?, ?)",
+                            [int(run_id), name, table.num_rows, table.column_names])
+                con.unregister("_moelens_summary")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def read_summary(self, run_id: int, name: str) -> pa.Table | None:
+        """Run ``run_id``'s rows of ``summary_<name>`` (without ``run_id``), or None if never materialised."""
+        target = summary_table(name)
         with self.connect() as con:
-            for table in ("runs", *RUN_TABLES):
-                path = out / f"{table}.parquet"
-                con.execute(
-                    f"COPY (SELECT * FROM {table} WHERE run_id = ?) TO '{_sql_path(path)}' (FORMAT PARQUET)", [int(run_id)]
-                )
-                written.append(path)
-        return written
+            rows = con.execute("SELECT columns FROM summaries WHERE run_id = ? AND name = ?", [int(run_id), name]).fetchall()
+            if not rows:
+                return None
+            row = rows[0]
+            cols = ", ".join(_ident(c) for c in row[0])
+            return con.sql(f'SELECT {cols} FROM "{target}" WHERE run_id = ?', params=[int(run_id)]).to_arrow_table()
+
+    def summary_names(self, run_id: int) -> set[str]:
+        """Names of the summaries materialised for a run."""
+        return set(self.query("SELECT name FROM summaries WHERE run_id = ?", [int(run_id)])["name"])
+
+    # -- moving runs between layouts -----------------------------------------------------------------
+
+    def export_parquet(self, run_id: int, folder: str | Path, *, shards: int = 1, overwrite: bool = False) -> list[Path]:
+        """Write a run into the Parquet dataset at ``folder`` (created if new) and return the files written.
+
+        Other runs already in the dataset are kept; the same run id again is refused unless ``overwrite``.
+        ``shards`` splits the run by whole sequences into that many partitions of similar token counts.
+        """
+        from moelens.store.transfer import export_run
+
+        return export_run(self, run_id, folder, shards=shards, overwrite=overwrite)
+
+    def import_parquet(self, folder: str | Path, runs: list[int] | None = None) -> dict[int, int]:
+        """Load runs of the Parquet dataset at ``folder`` (all, or ``runs``) as new runs; returns {old id: new id}."""
+        from moelens.store.transfer import import_runs
+
+        return import_runs(folder, self, runs)
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -341,8 +442,99 @@ class TraceStore:
             return con.sql(sql, params=params or None).to_arrow_table()
 
 
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+def _is_dataset(path: Path, layout: str | None) -> bool:
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    return layout == "parquet" or (layout is None and (path / DATASET_MARKER).is_file())
+
+
+def _ident(name: str) -> str:
+    """A quoted SQL identifier (summary column names come from analysis code, not users, but quote anyway)."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def _check_status(status: str) -> None:
+    if status not in ("complete", "failed"):
+        raise ValueError(f"status must be 'complete' or 'failed', not {status!r}")
+
+
+def _run_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Caller-settable run fields, validated, with JSON fields serialised."""
+    unknown = set(fields) - set(RUN_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown run fields: {sorted(unknown)}")
+    return {
+        k: json.dumps(v, sort_keys=True) if k in ("intervention", "metadata") and v is not None and not isinstance(v, str) else v
+        for k, v in fields.items()
+    }
+
+
+def _insert_run(con: duckdb.DuckDBPyConnection, run_id: int, values: Mapping[str, Any]) -> None:
+    """The one INSERT that creates a run row (the DuckDB file, and the Parquet layout's staging table)."""
+    cols = list(values)
+    con.execute(
+        f"INSERT INTO runs (run_id, status, moelens_version, schema_version, {', '.join(cols)}) "
+        f"VALUES (?, 'recording', ?, ?, {', '.join('?' for _ in cols)})",
+        [int(run_id), _version(), SCHEMA_VERSION, *values.values()],
+    )
+
+
+def _update_sql(values: Mapping[str, Any]) -> str:
+    return f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE run_id = ?"
+
+
+def _prepare(run_id: int, tables: Mapping[str, Any]) -> list[tuple[str, pa.Table]]:
+    """Every table of an append converted to the store's Arrow schema (before anything is written)."""
+    prepared = []
+    for name, data in tables.items():
+        if name not in ARROW_SCHEMAS:
+            raise ValueError(f"unknown table {name!r}; expected one of {sorted(ARROW_SCHEMAS)}")
+        prepared.append((name, _to_arrow(name, run_id, data)))
+    return [(n, t) for n, t in prepared if t.num_rows]
+
+
+def _summary_target(name: str, table: pa.Table) -> str:
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"a summary is a pyarrow.Table, not {type(table).__name__}")
+    if "run_id" in table.column_names:
+        raise ValueError("a summary table has no run_id column (the store adds it)")
+    return summary_table(name)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Bring a store of schema ``version`` to ``SCHEMA_VERSION`` in one transaction (all or nothing)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for step_version, sql in MIGRATIONS:
+            if step_version > version:
+                con.execute(sql)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [f"migrated_from_{version}", f"moelens {_version()}"])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _shims(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
+    """Temporary views that make a read-only older store answer like a current one: an empty view for each
+    missing table, a view adding NULL columns for each table that lacks some (nothing is written)."""
+    catalog = con.execute("SELECT current_database()").fetchall()[0][0]
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_schema = 'main'"
+    ).fetchall():
+        have.setdefault(table, set()).add(column)
+    out = []
+    for table, columns in contract().items():
+        if table not in have:
+            cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in columns)
+            out.append(f"CREATE TEMP VIEW {_ident(table)} AS SELECT {cols} WHERE false")
+        elif missing := [(c, t) for c, t in columns if c not in have[table]]:
+            extra = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in missing)
+            out.append(f"CREATE TEMP VIEW {_ident(table)} AS SELECT *, {extra} FROM {_ident(catalog)}.main.{_ident(table)}")
+    return tuple(out)
 
 
 def _to_arrow(name: str, run_id: int, data: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> pa.Table:
