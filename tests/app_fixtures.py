@@ -8,7 +8,8 @@
 * run 2 ``synthetic: steered`` — complete, the same tokens with expert 3 disabled at layer 2
   (``parent_run_id = 1`` and an intervention spec), so Compare has a real pair;
 * run 3 ``synthetic: failed`` — status ``failed`` with an error message and a few rows;
-* run 4 ``synthetic: interrupted`` — status ``recording`` (what a crash leaves).
+* run 4 ``synthetic: interrupted`` — status ``recording`` (what a crash leaves);
+* run 5 ``synthetic: another model`` — complete, three documents routed over 16 experts (Compare refuses it).
 
 Routing is drawn from label- and token-dependent preferences with some carry-over between consecutive
 tokens, so every analysis has structure to find. ``scale="demo"`` writes a store the size of the demo
@@ -288,6 +289,8 @@ def make_store(path: str | Path, *, scale: str = "small") -> dict:
             store, "synthetic: failed", docs[:2], vocab, status="failed", error="KeyboardInterrupt at chunk 1", **common
         )
         runs["interrupted"] = _write_run(store, "synthetic: interrupted", docs[:1], vocab, status="recording", **common)
+        runs["other_model"] = _write_run(store, "synthetic: another model (16 experts)", docs[:3], vocab,
+                                         status="complete", layers=layers, n_experts=16, top_k=k)
     return {"path": path, "runs": runs, "layers": layers, "n_experts": E, "top_k": k, "labels": sorted({d[0] for d in docs})}
 
 

@@ -190,9 +190,54 @@ def test_compare_shows_the_steered_layer(fixture_store: dict) -> None:
     assert spec["layout"]["meta"]["moelens_figure"] == "agreement_chart"
     # expert 3 was disabled at layer 2 only: that layer agrees least
     assert "lowest in layer L2" in spec["layout"]["meta"]["finding"]
+    assert any("changed their expert set at layer" in c.value for c in at.caption), "per-token view at once"
+    names = {t["name"] for t in spec["data"]}
+    assert {"chance, top-k overlap (k/E)", "chance, same top-1 (1/E)"} <= names
     at.toggle(key="cmp_score").set_value(True).run()
     assert not problems(at)
-    assert any("changed their expert set" in c.value for c in at.caption)
+    assert any("shorter than 16 tokens left out" in c.value for c in at.caption)
+
+
+def test_default_run_and_pair_ignore_steering_side_runs() -> None:
+    import pandas as pd
+
+    sys.path.insert(0, str(APP))
+    try:
+        from workbench import ui
+    finally:
+        sys.path.remove(str(APP))
+    runs = pd.DataFrame({
+        "run_id": [1, 2, 3, 4, 5, 6],
+        "name": ["corpus", "early", "baseline · x", "steered · x", "random:0 · x", "random:1 · x"],
+        "status": ["complete"] * 6,
+        "parent_run_id": pd.array([None, None, None, 3, 3, 3], dtype="Int64"),
+        "n_tokens": [150_000, 150_000, 42, 42, 42, 42],
+        "n_experts": [16] * 6,
+    })
+    assert ui.default_run(runs) == 2  # the largest plain run (the newest of equal size), not the experiment
+    assert ui.default_pair(runs, 3) == 4  # the experiment's steered run, not a random control
+    assert ui.default_pair(runs, 5) == 3  # a control pairs with its baseline
+    assert ui.default_pair(runs, 2) == 1  # the same tokens
+
+
+def test_bad_deep_links_say_so(fixture_store: dict) -> None:
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"run": "999"})
+    assert not at.exception
+    assert any("?run=999" in w.value and "not here" in w.value for w in at.warning)
+    assert at.sidebar.selectbox[0].value == fixture_store["runs"]["baseline"]
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"seq": "99999"})
+    assert any("?seq=99999" in w.value for w in at.warning)
+
+
+def test_compare_refuses_runs_with_different_expert_counts(fixture_store: dict) -> None:
+    runs = fixture_store["runs"]
+    query = {"run": str(runs["baseline"]), "run_b": str(runs["other_model"])}
+    at = run_page(APP / "pages" / "09_Compare.py", fixture_store["path"], query=query)
+    assert not at.exception
+    assert any("8 experts" in w.value and "16" in w.value for w in at.warning)
+    assert not plotly_specs(at)
+    at.checkbox(key="cmp_any_experts").check().run()
+    assert not problems(at) and not plotly_specs(at) and len(at.get("html")) == 2
 
 
 def test_npmi_modes(fixture_store: dict) -> None:
@@ -316,7 +361,7 @@ def test_steer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
                                    force=[(layout["layers"][-1], layout["n_experts"] - 1)])
     assert isinstance(spec, steering.SteeringSpec)
     db = tmp_path / "steer.duckdb"
-    res = steer_support.run_pair(model, tok, db, "hello moe, ", spec, max_new_tokens=6, label="t")
+    res = steer_support.run_pair(model, tok, db, "hello moe, ", spec, max_new_tokens=6, label="t", save=True)
     base, steered = res["runs"]
     store = TraceStore(db, read_only=True)
     runs = store.runs().set_index("run_id")
@@ -341,19 +386,45 @@ def test_steer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
     tok.save_pretrained(folder)
     page_db = tmp_path / "page.duckdb"
     at = run_page(APP / "pages" / "10_Steer.py", page_db)
-    at.radio(key="steer_source").set_value("local path or hub id (offline cache)").run()
+    at.radio(key="steer_source").set_value("local folder or hub id").run()
     at.text_input(key="steer_path").input(str(folder)).run()
     at.button(key="steer_load").click().run(timeout=300)
     assert not problems(at)
     assert any("Loaded" in s.value for s in at.success)
     at.multiselect(key="steer_disable").set_value([(first, 0), (first, 1)]).run()
     at.number_input(key="steer_new").set_value(4).run()
-    at.button(key="steer_go").click().run(timeout=300)
+    for _ in range(2):  # generating (twice) writes nothing to the store
+        at.button(key="steer_go").click().run(timeout=300)
+        assert not problems(at)
+        assert len(at.get("html")) == 2 and not any("Saved as run" in s.value for s in at.success)
+    assert not page_db.exists() or TraceStore(page_db, read_only=True).runs().empty
+    # per-position effects on the prompt and its continuation
+    at.button(key="steer_pos_go").click().run(timeout=300)
+    assert not problems(at)
+    effects = at.session_state["steer_positions"]
+    assert len(effects) >= 4 and {"logprob_base", "logprob", "kl", "top_base", "top_steered"} <= set(effects.columns)
+    assert any(m.value.startswith(f"n = {len(effects)} predicted tokens") for m in at.markdown)
+    # saving is explicit
+    at.button(key="steer_save_runs").click().run(timeout=300)
     assert not problems(at)
     assert any("Saved as run #1 (baseline) and run #2 (steered, parent #1)" in s.value for s in at.success)
-    assert len(at.get("html")) == 2
     saved = TraceStore(page_db, read_only=True).runs().set_index("run_id")
-    assert saved.loc[2, "parent_run_id"] == 1 and "disable" in saved.loc[2, "intervention"]
+    assert len(saved) == 2 and saved.loc[2, "parent_run_id"] == 1 and "disable" in saved.loc[2, "intervention"]
+    # a dose-response over a boost, on the saved (labelled) run, against 2 random controls (too few: a warning)
+    at.multiselect(key="steer_boost").set_value([(layout["layers"][-1], 2)]).run()
+    at.number_input(key="steer_ds_random").set_value(2).run()
+    at.text_input(key="steer_dose_grid").input("0, 3").run()
+    at.button(key="steer_dose_go").click().run(timeout=300)
+    assert not problems(at)
+    dose = plotly_specs(at)[0]
+    assert dose["layout"]["meta"]["moelens_figure"] == "dose_response_chart"
+    assert "n = 2 random controls" in dose["layout"]["meta"]["finding"]
+    assert any("Only 2 random controls" in w.value for w in at.warning)
+    # an invalid spec (the same expert disabled and forced) clears the results and says why
+    at.multiselect(key="steer_force").set_value([(first, 0)]).run()
+    assert any("both" in w.value or "disable" in w.value for w in at.warning)
+    assert "steer_result" not in at.session_state and "steer_dose" not in at.session_state
+    assert any("have been cleared" in i.value for i in at.info)
     # and the two runs are a regular pair for Compare
     cmp = run_page(APP / "pages" / "09_Compare.py", db, query={"run": str(base), "run_b": str(steered)})
     assert not problems(cmp)

@@ -189,7 +189,9 @@ def test_committee_npmi_map_agreement_top_tokens() -> None:
     agree = pd.DataFrame({"layer": [0, 1], "n_tokens": [100, 100], "top1_agreement": [0.8, 0.5], "topk_overlap": [0.9, 0.6],
                           "k": [2, 2], "baseline": [0.25, 0.25]})
     fig = viz.agreement_chart(agree)
-    assert [t.name for t in fig.data] == ["top-k overlap", "same top-1", "uniform chance"]
+    assert [t.name for t in fig.data] == ["top-k overlap", "same top-1", "chance, top-k overlap (k/E)",
+                                          "chance, same top-1 (1/E)"]
+    assert list(fig.data[2].y) == [25.0, 25.0] and list(fig.data[3].y) == [12.5, 12.5]  # k/E and 1/E, E = 8
     assert "agree on 75.0% of top-k choices overall; lowest in layer L1 (60.0%)" in viz.finding_of(fig)
 
     top = pd.DataFrame({"token": [" the", "\n", " the"], "count": [5, 3, 1]})

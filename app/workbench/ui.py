@@ -180,6 +180,11 @@ def synced_select(
                 wanted = None
             if wanted in options:
                 st.session_state[key] = wanted
+            else:  # a bad deep link: say so rather than silently open something else
+                if st.session_state.get(key) not in options:
+                    st.session_state[key] = default if default in options else options[0]
+                st.warning(f"The link asks for {label.lower()} {raw!r} (?{qp}={raw}), which is not here; showing "
+                           f"{format_func(st.session_state[key])} instead.")
     if st.session_state.get(key) not in options:
         st.session_state[key] = default if default in options else options[0]
     widget = f"_w_{key}"
@@ -206,27 +211,37 @@ def _pick_run(runs: pd.DataFrame, key: str, qp: str, label: str, default: int | 
     return int(value)
 
 
+def _plain_complete(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[(runs["status"] == "complete") & runs["parent_run_id"].isna()]
+
+
 def default_run(runs: pd.DataFrame) -> int | None:
-    """The newest complete run that is not steered, else the newest complete run, else the newest run."""
+    """The largest complete run that is not steered (the newest of equal size), else the newest complete run,
+    else the newest run: a steering experiment's short baseline or controls never take over every page."""
+    plain = _plain_complete(runs)
+    if len(plain):
+        biggest = plain[plain["n_tokens"] == plain["n_tokens"].max()]
+        return int(biggest["run_id"].iloc[-1])
     done = runs[runs["status"] == "complete"]
-    if len(done):
-        plain = done[done["parent_run_id"].isna()]
-        return int((plain if len(plain) else done)["run_id"].iloc[-1])
-    return int(runs["run_id"].iloc[-1]) if len(runs) else None
+    pool = done if len(done) else runs
+    return int(pool["run_id"].iloc[-1]) if len(pool) else None
 
 
 def default_pair(runs: pd.DataFrame, run: int) -> int | None:
-    """A run to compare ``run`` with: its child (steered) run, its parent, or another run of the same tokens."""
+    """A run to compare ``run`` with: the steered run of its experiment (not a random control), its parent (the
+    baseline), or another complete run of the same tokens and expert count."""
     others = runs[runs["run_id"] != run]
     if others.empty:
         return None
     kids = others[others["parent_run_id"] == run]
     if len(kids):
-        return int(kids["run_id"].iloc[-1])
+        steered = kids[kids["name"].fillna("").str.startswith("steered")]
+        return int((steered if len(steered) else kids)["run_id"].iloc[-1])
     row = runs[runs["run_id"] == run].iloc[0]
     if pd.notna(row.get("parent_run_id")) and int(row["parent_run_id"]) in set(others["run_id"]):
         return int(row["parent_run_id"])
-    same = others[(others["n_tokens"] == row["n_tokens"]) & (others["status"] == "complete")]
+    same = others[(others["n_tokens"] == row["n_tokens"]) & (others["n_experts"] == row["n_experts"])
+                  & (others["status"] == "complete")]
     if len(same):
         return int(same["run_id"].iloc[0])
     return int(others["run_id"].iloc[-1])

@@ -5,7 +5,7 @@
 
 The spec comes from ``--spec FILE`` (JSON, see `SteeringSpec.to_dict`) plus any ``--disable/--force/--boost/
 --gate-scale`` flags, which add to it. Inputs are ``--data`` files/folders, ``--text`` strings and ``--prompts``
-(one prompt per line). The baseline, steered and control runs are recorded in ``--db``.
+(one prompt per line). The baseline, steered and control runs are recorded in ``--db`` unless ``--no-save``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def steer(
     seq_len: int = typer.Option(256, "--seq-len", help="Cut inputs into sequences of at most this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     db: Path = typer.Option(DEFAULT_DB, "--db", help="Trace store the runs are recorded in."),
+    no_save: bool = typer.Option(False, "--no-save", help="Only report the effects: record no runs in --db."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
@@ -57,7 +58,7 @@ def steer(
     from moelens.steering.experiment import run_experiment
     from moelens.store import TraceStore
 
-    store = TraceStore(db)
+    store = None if no_save else TraceStore(db)
     lm, tokenizer, _ = resolve_model(model, device=device, dtype=dtype)
     result = run_experiment(lm, tokenizer, steering, inputs, store=store, n_random=n_random, seed=seed,
                             generate=generate or None, batch_size=batch_size, seq_len=seq_len, progress=fmt == "table")
@@ -77,7 +78,7 @@ def steer(
         console.print(f"[bold]spec[/]: {result.spec.describe()}", highlight=False)
     for name, df in tables.items():
         emit(df, fmt, title=name)
-    if fmt == "table":
+    if fmt == "table" and store is not None:
         console.print(f"runs in {db}: baseline {runs['baseline']}, steered {runs['steered']}, controls {runs['controls']}")
 
 

@@ -1,7 +1,7 @@
 """Figures and the token-coloured HTML view, built from ``moelens.analysis`` results.
 
 One renderer for the CLI, notebooks and the app, one module per family of figures (`load`, `specialization`,
-`consistency`, `coactivation`, `committee`, `association`, `maps`, `compare`): every figure builder returns a
+`consistency`, `coactivation`, `committee`, `association`, `maps`, `compare`, `steering`): every builder returns a
 plotly ``Figure`` that carries a one-line, self-describing finding (`finding_of`); `token_html` returns a
 `TokenView` that notebooks display through ``_repr_html_`` and the app through ``st.html``. No torch, no streamlit here.
 
@@ -28,6 +28,7 @@ from moelens.viz.specialization import (
     specialization_heatmap,
     top_tokens_bar,
 )
+from moelens.viz.steering import dose_response_chart
 from moelens.viz.palette import expert_color, expert_colors, label_color, label_colors
 from moelens.viz.tokens import TokenView, token_html
 
@@ -38,6 +39,7 @@ __all__ = [
     "committee_chart",
     "curve_chart",
     "domain_summary_chart",
+    "dose_response_chart",
     "layer_expert_heatmap",
     "layer_score_chart",
     "entropy_chart",

@@ -12,8 +12,8 @@ from moelens.viz._frames import layer_label, pick
 
 def agreement_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """Run-vs-run routing agreement per layer (``run_agreement`` output: ``layer, n_tokens, top1_agreement,
-    topk_overlap, k, baseline``): bars for the top-k overlap and the same-first-choice rate, the uniform
-    chance k/E dashed."""
+    topk_overlap, k, baseline``): bars for the top-k overlap and the same-first-choice rate, each with its
+    uniform-routing chance level: k/E for the overlap, 1/E for the first choice."""
     name = "agreement_chart"
     ttl = title or "Routing agreement between the two runs"
     if df is None or df.empty:
@@ -29,7 +29,9 @@ def agreement_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     if t1:
         fig.add_trace(go.Bar(x=x, y=d[t1] * 100, name="same top-1", marker_color="#f28e2b", hovertemplate="layer %{x}<br>same top-1 %{y:.1f}%<extra></extra>"))
     if base:
-        fig.add_trace(go.Scatter(x=x, y=d[base] * 100, mode="lines", name="uniform chance", line=dict(dash="dash", color="#888"), hovertemplate="layer %{x}<br>chance %{y:.1f}%<extra></extra>"))
+        fig.add_trace(go.Scatter(x=x, y=d[base] * 100, mode="lines", name="chance, top-k overlap (k/E)", line=dict(dash="dash", color="#4e79a7"), hovertemplate="layer %{x}<br>chance %{y:.1f}%<extra></extra>"))
+        if t1 and "k" in d.columns:  # two independent uniform first choices agree with probability 1/E = (k/E) / k
+            fig.add_trace(go.Scatter(x=x, y=d[base] / d["k"] * 100, mode="lines", name="chance, same top-1 (1/E)", line=dict(dash="dot", color="#f28e2b"), hovertemplate="layer %{x}<br>chance %{y:.1f}%<extra></extra>"))
     fig.update_xaxes(type="category")
     fig.update_yaxes(range=[0, 105])
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.2))
