@@ -240,6 +240,28 @@ def test_compare_refuses_runs_with_different_expert_counts(fixture_store: dict) 
     assert not problems(at) and not plotly_specs(at) and len(at.get("html")) == 2
 
 
+def test_statistics_sample_sizes_intervals_and_thin_data(fixture_store: dict) -> None:
+    # every figure and table states its n
+    at = run_page(APP / "pages" / "04_Consistency.py", fixture_store["path"])
+    text = markdown_text(at)
+    assert "consecutive pairs per layer" in text and "rows · n = " in text
+    # bootstrap intervals over sequences: error bars on the repetition bars and the SRP lines
+    at.toggle(key="cons_ci").set_value(True).run()
+    at.number_input(key="cons_nboot").set_value(20).run(timeout=300)
+    assert not problems(at)
+    specs = {s["layout"]["meta"]["moelens_figure"]: s for s in plotly_specs(at)}
+    assert specs["repetition_chart"]["data"][0]["error_y"]["type"] == "data"
+    assert specs["srp_chart"]["data"][0]["error_y"]["type"] == "data"
+    assert any("first_choice_lo" in str(df.value.columns.tolist()) for df in at.dataframe)
+    # nPMI: the minimum-count filter is on by default and says what it left out
+    at = run_page(APP / "pages" / "06_nPMI.py", fixture_store["path"])
+    assert any(c.value.startswith("Minimum count 5:") for c in at.caption)
+    assert "tokens in the selection)" in markdown_text(at)
+    # a committee over 4 sequences per label is flagged
+    at = run_page(APP / "pages" / "05_Committee.py", fixture_store["path"])
+    assert any("fewer than 5 sequences" in w.value for w in at.warning)
+
+
 def test_npmi_modes(fixture_store: dict) -> None:
     at = run_page(APP / "pages" / "06_nPMI.py", fixture_store["path"])
     assert not problems(at) and plotly_specs(at)

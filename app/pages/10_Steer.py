@@ -19,6 +19,7 @@ from workbench import steer_effects, steer_support, ui  # noqa: E402
 
 st.set_page_config(page_title="Steer · moelens", page_icon="🕹️", layout="wide")
 db = ui.resolve_db()
+st.session_state.pop(ui.N_KEY, None)  # no run behind this page: each table says its own n
 st.title("Steer")
 st.caption(
     "Change the routing of a loaded model — disable experts, force them into the top-k, shift their router "

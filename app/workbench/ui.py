@@ -21,13 +21,15 @@ import pandas as pd
 import streamlit as st
 
 from moelens.errors import MoelensError
-from moelens.viz import figure_html, finding_of
+from moelens.viz import figure_html, finding_of, with_finding
 from workbench import data
 
 DEFAULT_DB = Path("traces") / "moelens.duckdb"
 RUN_KEY = "moelens_run"
 RUN_B_KEY = "moelens_run_b"
 DB_KEY = "moelens_db"
+#: The sample size every figure and table of the page states unless it names its own ("n = ... tokens ...").
+N_KEY = "_moelens_n"
 
 STATUS_TEXT = {
     "complete": "complete",
@@ -133,6 +135,23 @@ class Page:
             show_error(f"{name} failed", exc)
             return None
 
+    def call_ci(self, name: str, ci: dict[str, int] | None, **params: Any) -> Any:
+        """`call`, with a bootstrap interval over sequences (``<value>_lo/_hi`` columns) when ``ci`` is set
+        (``{"n_boot": ..., "seed": ...}`` from `ci_controls`)."""
+        if ci is None:
+            return self.call(name, **params)
+        from workbench import queries
+
+        try:
+            with st.spinner(f"Bootstrapping {name} over sequences ({ci['n_boot']} resamples) …"):
+                return queries.bootstrap(str(self.db), self.stamp, name, self.run, ci["n_boot"], ci["seed"], **params)
+        except MoelensError as exc:
+            st.warning(str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001
+            show_error(f"bootstrap of {name} failed", exc)
+            return None
+
     def call_pair(self, name: str, run_a: int, run_b: int, **params: Any) -> Any:
         try:
             with st.spinner(f"Computing {name} …"):
@@ -146,6 +165,20 @@ class Page:
         except Exception as exc:  # noqa: BLE001
             show_error(f"{name} failed", exc)
             return None
+
+
+def ci_controls(key: str, container: Any = None) -> dict[str, int] | None:
+    """A toggle for 95% bootstrap intervals over sequences, with its resample count and seed shown;
+    ``{"n_boot", "seed"}`` when on, else None."""
+    box = container if container is not None else st
+    if not box.toggle("95% bootstrap intervals (resampling sequences)", key=f"{key}_ci",
+                      help="Percentile intervals over resamples of whole sequences, seeded; recomputes the score "
+                           "once per resample."):
+        return None
+    c1, c2 = box.columns(2)
+    n_boot = c1.number_input("n_boot (resamples)", 20, 2000, 200, step=20, key=f"{key}_nboot")
+    seed = c2.number_input("seed", 0, 2**31 - 1, 0, key=f"{key}_seed")
+    return {"n_boot": int(n_boot), "seed": int(seed)}
 
 
 def show_error(what: str, exc: BaseException) -> None:
@@ -288,6 +321,8 @@ def setup(title: str, purpose: str, *, icon: str = "🔬", second_run: bool = Fa
         )
         st.warning(f"Run #{run} {msg}")
     st.sidebar.caption(run_summary(info))
+    row = runs[runs["run_id"] == run].iloc[0]
+    st.session_state[N_KEY] = f"n = {int(row['n_tokens']):,} tokens in {int(row['n_sequences']):,} sequences of run #{run}"
     return Page(db=db, runs=runs, run=run, info=info, run_b=run_b, info_b=info_b)
 
 
@@ -332,17 +367,25 @@ def md_escape(text: str) -> str:
     return "\\" + text if text[:1] in ("#", "-", "+") else text
 
 
-def figure(fig, key: str, filename: str, *, select: bool = False) -> list[dict]:
-    """A plotly figure with its finding as a line of text above it (wraps at any width), the modebar's PNG
-    export and an HTML download (self-contained; built on click, with the finding under the title).
+def sample_size(n: str | None = None) -> str:
+    """What a figure or table rests on: ``n`` when given, else the page's run (tokens and sequences)."""
+    return n or st.session_state.get(N_KEY, "")
+
+
+def figure(fig, key: str, filename: str, *, select: bool = False, n: str | None = None) -> list[dict]:
+    """A plotly figure with its finding and sample size (``n = ...``) as a line of text above it (wraps at
+    any width), the modebar's PNG export and an HTML download (self-contained; built on click, with the
+    finding and n under the title).
 
     With ``select`` a click on a bar/point reruns the page and the clicked points are returned (drill-downs).
     """
     import plotly.graph_objects as go
 
-    finding = finding_of(fig)
+    size = sample_size(n)
+    finding = " ".join(t for t in (finding_of(fig), f"({size})" if size else "") if t)
     if finding:
         st.markdown(f":material/lightbulb: {md_escape(finding)}")
+        fig = with_finding(fig, finding)
     shown = go.Figure(fig)
     meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
     shown.update_layout(title_subtitle_text="", margin_t=50 + int(meta.get("extra_top", 0)))
@@ -382,10 +425,13 @@ def table(
     height: int | str = "auto",
     column_config: dict | None = None,
     select: bool = False,
+    n: str | None = None,
 ) -> list[int]:
-    """A table with a CSV download of exactly what is shown. With ``select`` a click on a row reruns the page
-    and the selected row positions are returned (drill-downs)."""
+    """A table with its sample size (``n = ...``) and a CSV download of exactly what is shown. With ``select``
+    a click on a row reruns the page and the selected row positions are returned (drill-downs)."""
     rows: list[int] = []
+    size = sample_size(n)
+    st.caption(f"{len(df):,} rows" + (f" · {size}" if size else ""))
     if select:
         event = st.dataframe(df, hide_index=True, key=key, height=height, column_config=column_config,
                              on_select="rerun", selection_mode="single-row")

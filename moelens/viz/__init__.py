@@ -13,7 +13,7 @@ plotly ``Figure`` that carries a one-line, self-describing finding (`finding_of`
 from __future__ import annotations
 
 from moelens.viz import findings
-from moelens.viz._base import figure_html, finding_of
+from moelens.viz._base import figure_html, finding_of, with_finding
 from moelens.viz.association import npmi_bar, ranked_experts_bar
 from moelens.viz.coactivation import coactivation_heatmap, transition_heatmap
 from moelens.viz.committee import committee_chart
@@ -61,4 +61,5 @@ __all__ = [
     "token_html",
     "top_tokens_bar",
     "transition_heatmap",
+    "with_finding",
 ]

@@ -64,6 +64,14 @@ def finding_of(fig: go.Figure) -> str:
     return ""
 
 
+def with_finding(fig: go.Figure, finding: str) -> go.Figure:
+    """A copy of a moelens figure whose finding (under the title, and in its metadata) is ``finding``."""
+    out = go.Figure(fig)
+    meta = dict(fig.layout.meta) if isinstance(fig.layout.meta, dict) else {}
+    out.update_layout(title_subtitle_text=_wrap(finding), meta={**meta, "finding": finding})
+    return out
+
+
 def figure_html(fig: go.Figure, *, offline: bool = True) -> str:
     """Standalone HTML for a figure. ``offline=True`` inlines plotly.js (works without internet, ~4.8 MB)."""
     return fig.to_html(include_plotlyjs=True if offline else "cdn", full_html=True, config={"displaylogo": False})
@@ -90,3 +98,12 @@ def one_label(df: pd.DataFrame, label: str | None) -> pd.DataFrame:
     if len(labels) > 1:
         raise ValueError(f"this frame has one row per label ({list(labels)[:5]}...); pass label=<one of them>")
     return df
+
+
+def interval(d: pd.DataFrame, col: str, scale: float = 1.0) -> dict | None:
+    """Plotly error-bar settings from ``<col>_lo`` / ``<col>_hi`` columns (a bootstrap interval), else None."""
+    if f"{col}_lo" not in d.columns or f"{col}_hi" not in d.columns:
+        return None
+    v = d[col].to_numpy(dtype=float)
+    return dict(type="data", symmetric=False, array=(d[f"{col}_hi"].to_numpy(dtype=float) - v) * scale,
+                arrayminus=(v - d[f"{col}_lo"].to_numpy(dtype=float)) * scale, thickness=1.2, width=3)

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from moelens.viz import findings as F
-from moelens.viz._base import empty_figure, finish_figure
+from moelens.viz._base import empty_figure, finish_figure, interval
 from moelens.viz._frames import expert_label, layer_label, pick
 from moelens.viz.palette import expert_color
 
@@ -35,6 +35,7 @@ def ranked_experts_bar(
         go.Bar(
             x=top[v],
             y=ylab,
+            error_x=interval(top, v),
             orientation="h",
             marker_color=[expert_color(int(e)) for e in top["expert"]],
             name=v,

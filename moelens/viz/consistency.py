@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from moelens.viz import findings as F
-from moelens.viz._base import empty_figure, finish_figure, sorted_layers
+from moelens.viz._base import empty_figure, finish_figure, interval, sorted_layers
 from moelens.viz._frames import layer_label, pick
 
 
@@ -49,6 +49,7 @@ def repetition_chart(df: pd.DataFrame, *, observed: Sequence[str] | None = None,
             go.Bar(
                 x=x,
                 y=d[o] * 100,
+                error_y=interval(d, o, 100),
                 name="observed",
                 marker_color="#4e79a7",
                 legendgroup="observed",
@@ -114,6 +115,7 @@ def curve_chart(
             go.Scatter(
                 x=dd[x],
                 y=dd[y],
+                error_y=interval(dd, y),
                 mode="lines+markers",
                 name=layer_label(g) if group == "layer" else str(g),
                 line=dict(color=c),
@@ -182,7 +184,7 @@ def sch_chart(df: pd.DataFrame, *, lookahead: int | None = None, title: str | No
     for lv, c in zip(layers, cols):
         lname = layer_label(lv) if lv is not None else "model"
         a = sch_rows[sch_rows["layer"] == lv] if lv is not None else sch_rows
-        fig.add_trace(go.Scatter(x=a[x], y=a[y] * 100, mode="lines+markers", name=lname, legendgroup=lname,
+        fig.add_trace(go.Scatter(x=a[x], y=a[y] * 100, error_y=interval(a, y, 100), mode="lines+markers", name=lname, legendgroup=lname,
                                  line=dict(color=c), hovertemplate=f"{lname} · SCH<br>cache %{{x}}<br>hit rate %{{y:.1f}}%<extra></extra>"))
         b = lru_rows[lru_rows["layer"] == lv] if lv is not None else lru_rows
         if len(b):
