@@ -262,6 +262,20 @@ def test_statistics_sample_sizes_intervals_and_thin_data(fixture_store: dict) ->
     assert any("fewer than 5 sequences" in w.value for w in at.warning)
 
 
+def test_router_page_needs_logits_and_shows_confidence(fixture_store: dict) -> None:
+    runs = fixture_store["runs"]
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"], query={"run": str(runs["baseline"])})
+    assert not problems(at)
+    spec = plotly_specs(at)[0]
+    assert spec["layout"]["meta"]["moelens_figure"] == "router_confidence_chart"
+    assert "Most near-ties in layer" in spec["layout"]["meta"]["finding"]
+    assert at.get("html") and any("near-ties of n =" in c.value for c in at.caption)
+    assert any(b.label == "Compute the token map" for b in at.button)
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"], query={"run": str(runs["steered"])})
+    assert not problems(at) and any("without router logits" in i.value for i in at.info)
+    assert any("--logits" in c.value for c in at.code)
+
+
 def test_npmi_modes(fixture_store: dict) -> None:
     at = run_page(APP / "pages" / "06_nPMI.py", fixture_store["path"])
     assert not problems(at) and plotly_specs(at)
@@ -272,6 +286,17 @@ def test_npmi_modes(fixture_store: dict) -> None:
     at.segmented_control(key="npmi_mode").set_value("two labels (risk difference)").run()
     assert not problems(at)
     assert plotly_specs(at)[0]["layout"]["meta"]["moelens_figure"] == "risk_difference_bar"
+
+
+@pytest.mark.slow
+def test_token_map_computes_on_request(fixture_store: dict) -> None:
+    pytest.importorskip("umap")
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"])
+    at.button(key="router_map_go").click().run(timeout=600)
+    assert not problems(at)
+    spec = plotly_specs(at)[-1]
+    assert spec["layout"]["meta"]["moelens_figure"] == "token_map"
+    assert {t["name"] for t in spec["data"]} <= set(fixture_store["labels"])
 
 
 @pytest.mark.slow

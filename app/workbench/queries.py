@@ -21,3 +21,11 @@ def bootstrapped(db: str, stamp: float, name: str, run: int, n_boot: int, seed: 
 
 def bootstrap(db: str, stamp: float, name: str, run: int, n_boot: int, seed: int, **params: Any) -> pd.DataFrame:
     return bootstrapped(db, stamp, name, run, n_boot, seed, _freeze(params))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def logit_layers(db: str, stamp: float, run: int) -> list[int]:
+    """The layers of ``run`` that have router logits recorded (empty for runs recorded without --logits)."""
+    with batch(db) as store:
+        df = store.query("SELECT DISTINCT layer FROM router_logits WHERE run_id = ? ORDER BY layer", [int(run)])
+    return [int(v) for v in df["layer"]]

@@ -20,6 +20,7 @@ from moelens.analysis.npmi import npmi, npmi_combined
 from moelens.analysis.registry import SCORES, ParamSpec, ScoreSpec, run_score
 from moelens.analysis.repetition import repetition
 from moelens.analysis.risk import risk_difference
+from moelens.analysis.router_stats import router_stats, router_token_stats
 from moelens.analysis.sch import sch
 from moelens.analysis.srp import srp
 from moelens.analysis.synthetic import synthetic, write_run
@@ -51,6 +52,8 @@ __all__ = [
     "npmi_combined",
     "repetition",
     "risk_difference",
+    "router_stats",
+    "router_token_stats",
     "run_agreement",
     "run_score",
     "sch",

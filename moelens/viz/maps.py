@@ -69,3 +69,33 @@ def expert_map_scatter(
         y_title="map y",
         height=520,
     )
+
+
+def token_map_scatter(df: pd.DataFrame, *, color_by: str = "label", labels: Sequence[str] | None = None,
+                      title: str | None = None) -> go.Figure:
+    """2-D map of sampled tokens by their router logits (``token_map`` output: ``token, label, top1, x, y``),
+    coloured by ``label`` or by the recorded first choice ``top1``."""
+    name = "token_map"
+    ttl = title or "Token map (router logits)"
+    if df is None or df.empty:
+        return empty_figure(name, ttl, "No tokens to place.")
+    fig = go.Figure()
+    groups = "top1" if color_by == "top1" else "label"
+    keys = df[groups].map(expert_label) if groups == "top1" else df["label"].fillna("(none)").astype(str)
+    all_labels = list(labels) if labels is not None else sorted(keys.unique())
+    for key in sorted(keys.unique(), key=lambda k: (len(k), k)):
+        dd = df[keys == key]
+        color = (expert_color(int(dd["top1"].iloc[0])) if groups == "top1"
+                 else label_color(key if key != "(none)" else None, all_labels))
+        fig.add_trace(go.Scattergl(
+            x=dd["x"], y=dd["y"], mode="markers", name=key, marker=dict(color=color, size=5, opacity=0.75),
+            customdata=np.column_stack([dd["token"].astype(str).map(lambda t: repr(t)[1:-1]), dd["seq_id"], dd["pos"]]),
+            hovertemplate="‘%{customdata[0]}’ · seq %{customdata[1]} pos %{customdata[2]}<extra>" + key + "</extra>",
+        ))  # fmt: skip
+    fig.update_xaxes(showticklabels=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, zeroline=False, scaleanchor="x", scaleratio=1)
+    layer = df.attrs.get("params", {}).get("layer")
+    finding = (f"{len(df):,} sampled tokens placed by their router logits"
+               + (f" at layer {layer_label(layer)}" if layer is not None else "")
+               + f", coloured by {'first choice' if groups == 'top1' else 'label'}: tokens the router treats alike sit together.")
+    return finish_figure(fig, name, ttl, finding, x_title="map x", y_title="map y", height=520)
