@@ -276,6 +276,26 @@ def test_router_page_needs_logits_and_shows_confidence(fixture_store: dict) -> N
     assert any("--logits" in c.value for c in at.code)
 
 
+def test_sql_console_page(fixture_store: dict) -> None:
+    page = APP / "pages" / "13_SQL.py"
+    at = run_page(page, fixture_store["path"])
+    assert not problems(at)
+    at.selectbox(key="sql_example").set_value("load per layer and expert").run()
+    at.button(key="sql_go").click().run()
+    assert not problems(at)
+    result = at.dataframe[-1].value
+    assert {"layer", "expert", "slots"} <= set(result.columns) and len(result) > 0
+    assert any("sql_result_csv" == b.key for b in at.get("download_button"))
+    at.text_area(key="sql_text").input("DROP TABLE routing").run()
+    assert any("read-only" in e.value and "DROP" in e.value for e in at.error)
+    at.text_area(key="sql_text").input("SELECT * FROM tokens").run()
+    assert any("count mismatch" in e.value for e in at.error)  # the example's [1] is still bound: DuckDB says so
+    at.text_input(key="sql_params").input("").run()
+    at.number_input(key="sql_limit").set_value(5).run()
+    assert not problems(at), problems(at)
+    assert len(at.dataframe[-1].value) == 5 and any("first 5 rows" in w.value for w in at.warning)
+
+
 def test_npmi_modes(fixture_store: dict) -> None:
     at = run_page(APP / "pages" / "06_nPMI.py", fixture_store["path"])
     assert not problems(at) and plotly_specs(at)
@@ -283,6 +303,10 @@ def test_npmi_modes(fixture_store: dict) -> None:
     at.text_area(key="npmi_tokens").input(" =\n +\nnot-a-token\n").run()
     assert not problems(at)
     assert any("Not in this run: 'not-a-token'" in c.value for c in at.caption)
+    at.segmented_control(key="npmi_mode").set_value("combined (RICE)").run()
+    assert not problems(at)
+    spec = plotly_specs(at)[0]
+    assert "Σ coef · nPMI" in spec["layout"]["title"]["text"]
     at.segmented_control(key="npmi_mode").set_value("two labels (risk difference)").run()
     assert not problems(at)
     assert plotly_specs(at)[0]["layout"]["meta"]["moelens_figure"] == "risk_difference_bar"

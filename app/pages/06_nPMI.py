@@ -22,7 +22,8 @@ page = ui.setup(
     icon="🧲",
 )
 
-mode = st.segmented_control("Select tokens by", ["regex", "token set", "label", "two labels (risk difference)"],
+mode = st.segmented_control("Select tokens by", ["regex", "token set", "label", "combined (RICE)",
+                                                "two labels (risk difference)"],
                             default="regex", key="npmi_mode") or "regex"
 c1, c2 = st.columns(2)
 n_show = c1.slider("Experts shown", 5, 50, 20, key="npmi_n")
@@ -63,6 +64,24 @@ elif mode == "label":
         lab = st.selectbox("Label", page.labels, key="npmi_label")
         result = page.call_ci("npmi", ci, label=lab)
         what = f"label '{lab}'"
+elif mode == "combined (RICE)":
+    raw = st.text_area("One predicate per line: COEFFICIENT REGEX (RICE: +1 for the behaviour, -1 for its opposites)",
+                       value="1 ^\\s*\\d+$\n-1 ^\\s*[a-z]+$", key="npmi_combined_targets")
+    targets, bad = [], []
+    for line in (ln.strip() for ln in raw.splitlines()):
+        coef, _, rx = line.partition(" ")
+        if not line:
+            continue
+        try:
+            targets.append((float(coef), {"regex": rx.strip()}))
+        except ValueError:
+            bad.append(line)
+    if bad:
+        st.warning("Not COEFFICIENT REGEX: " + ", ".join(repr(b) for b in bad))
+    if targets:
+        result = page.call_ci("npmi_combined", None, targets=tuple((c, tuple(t.items())) for c, t in targets))
+        what = "Σ coef · nPMI over " + ", ".join(f"{c:+g}·/{t['regex']}/" for c, t in targets)
+        value = "score"
 else:
     if len(page.labels) < 2:
         st.info("Risk difference needs two labels; this run has fewer.")
@@ -75,7 +94,7 @@ else:
         value = "risk_diff"
 
 if result is not None:
-    score = "risk_difference" if value == "risk_diff" else "npmi"
+    score = {"risk_diff": "risk_difference", "score": "npmi_combined"}.get(value, "npmi")
     before = len(result)
     result = min_count(result, score, int(min_events))
     events = "activations (a1 + a2)" if score == "risk_difference" else "co-occurrences (n_xe)"

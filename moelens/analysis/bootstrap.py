@@ -36,7 +36,6 @@ KEYS = ("layer", "expert", "label", "m", "policy", "cache_size", "cache_ratio", 
 #: Count columns a ranked score's rows rest on, for `min_count`: a row needs at least ``n`` of them.
 COUNTS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "npmi": lambda df: df["n_xe"],
-    "npmi_combined": lambda df: df["n_xe"] if "n_xe" in df.columns else pd.Series(np.inf, index=df.index),
     "risk_difference": lambda df: df["a1"] + df["a2"],
 }
 
