@@ -142,10 +142,24 @@ def test_tokens_deep_link_search_and_escaping(fixture_store: dict) -> None:
     # search narrows the sequence list
     at.text_input(key="tok_search").input("Привет").run()
     assert any("1 of 16 sequences match" in c.value for c in at.caption)
-    # gate-weight colouring
+    # search matches are outlined in the text
+    assert any("tokens overlap a match of 'Привет'" in c.value for c in at.caption)
+    assert "ml-hl" in at.get("html")[0].proto.body
+    # gate-weight colouring (scaled to the data: tests/test_viz.py)
     at.radio(key="tok_mode").set_value("gate weight of one expert").run()
     assert not problems(at)
     assert "Gate weight of E0" in at.get("html")[0].proto.body
+
+
+def test_tokens_concordance_jumps_to_an_occurrence(fixture_store: dict) -> None:
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"seq": "0"})
+    at.text_input(key="tok_conc").input(" the").run()
+    assert not problems(at)
+    hits = next(d.value for d in at.dataframe if "left" in d.value.columns)
+    assert len(hits) == 1 and set(hits["token"]) == {" the"} and hits["top1"].str.startswith("E").all()
+    row = hits.iloc[0]
+    assert row["left"].endswith(" devoted to") and row["right"].startswith(" language")  # 6 tokens each side
+    assert any("n = 1 occurrences of ' the'" in c.value for c in at.caption)
 
 
 def test_run_choice_follows_the_user_across_pages(fixture_store: dict) -> None:

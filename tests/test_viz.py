@@ -284,3 +284,11 @@ def test_viz_imports_neither_torch_nor_streamlit() -> None:
     code = "import sys, moelens.viz; bad = [m for m in ('torch', 'streamlit') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_token_html_gate_weights_are_scaled_to_the_data() -> None:
+    toks = pd.DataFrame({"pos": [0, 1], "token": ["a", "b"]})
+    routing = pd.DataFrame({"pos": [0, 1], "layer": [0, 0], "rank": [0, 0], "expert": [2, 2], "weight": [0.3, 0.15]})
+    html = viz.token_html(toks, routing, layer=0, color_by="weight", expert=2).html
+    assert "</span> 0.30</div>" in html  # the legend's top is the largest weight shown, not 1
+    assert "rgba(" in html and ",1.000)" in html and ",0.500)" in html  # 0.3 -> full colour, 0.15 -> half

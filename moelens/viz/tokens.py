@@ -166,8 +166,8 @@ def token_html(
         The layer whose routing colours the tokens (default: the first layer in ``routing_df``).
     color_by
         ``"top1"``: background = colour of the token's top-1 expert at ``layer``;
-        ``"weight"``: background = ``expert``'s colour with opacity = its gate weight at ``layer`` (0 if not
-        selected).
+        ``"weight"``: background = ``expert``'s colour with opacity = its gate weight at ``layer`` divided by
+        the largest such weight in the view (0 if not selected; the legend gives the scale).
     highlight
         Positions (or ``(seq_id, pos)`` pairs) to outline, e.g. tokens whose routing or text differs.
     seq_titles, labels
@@ -214,8 +214,8 @@ def token_html(
         else:
             sel = routing[(routing["layer"] == int(layer)) & (routing["expert"] == int(expert))]
             weights = sel.groupby(keys)["weight"].sum()
-            if len(weights):
-                wmax = max(1.0, float(weights.max()))
+            if len(weights) and float(weights.max()) > 0:  # scaled to the data: small gate weights stay visible
+                wmax = float(weights.max())
 
     tips_d = tips
     top1_d: dict = {(int(k[0]), int(k[1])): int(v) for k, v in top1.items()}
