@@ -189,10 +189,18 @@ def test_experts_page_findings_and_labels(fixture_store: dict) -> None:
     text = markdown_text(at)
     assert "Busiest expert:" in text and "even spread would be 12.5%" in text
     assert "Least balanced layer:" in text
+    balance_all = next(s for s in plotly_specs(at) if s["layout"]["meta"]["moelens_figure"] == "entropy_chart")
     at.segmented_control(key="exp_scope").set_value("math").run()
     assert not problems(at)
-    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    specs = plotly_specs(at)
+    titles = [s["layout"]["title"]["text"] for s in specs]
     assert any("math" in t for t in titles)
+    # the label filter reaches every section: balance and the expert profile are over the math tokens only
+    assert any("shows the tokens of 'math' only" in c.value for c in at.caption)
+    balance_math = next(s for s in specs if s["layout"]["meta"]["moelens_figure"] == "entropy_chart")
+    assert balance_math["layout"]["meta"]["finding"] != balance_all["layout"]["meta"]["finding"]
+    heat = [s for s in specs if s["layout"]["meta"]["moelens_figure"] == "load_heatmap"]
+    assert len(heat) == 2 and heat[0]["data"][0]["zmax"] == heat[1]["data"][0]["zmax"]  # one colour scale
 
 
 def test_compare_shows_the_steered_layer(fixture_store: dict) -> None:

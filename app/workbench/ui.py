@@ -135,6 +135,22 @@ class Page:
             show_error(f"{name} failed", exc)
             return None
 
+    def call_on(self, name: str, label: str | None, **params: Any) -> Any:
+        """`call` over the tokens of one label only (``label=None``: every token)."""
+        if label is None:
+            return self.call(name, **params)
+        from workbench import queries
+
+        try:
+            with st.spinner(f"Computing {name} for label {label!r} …"):
+                return queries.on_label(str(self.db), self.stamp, name, self.run, label, queries._freeze(params))
+        except MoelensError as exc:
+            st.warning(str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001
+            show_error(f"{name} failed", exc)
+            return None
+
     def call_ci(self, name: str, ci: dict[str, int] | None, **params: Any) -> Any:
         """`call`, with a bootstrap interval over sequences (``<value>_lo/_hi`` columns) when ``ci`` is set
         (``{"n_boot": ..., "seed": ...}`` from `ci_controls`)."""

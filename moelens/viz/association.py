@@ -37,7 +37,7 @@ def ranked_experts_bar(
             y=ylab,
             error_x=interval(top, v),
             orientation="h",
-            marker_color=[expert_color(int(e)) for e in top["expert"]],
+            marker_color=[expert_color(int(e), int(lv)) for lv, e in zip(top["layer"], top["expert"])],
             name=v,
             hovertemplate=f"%{{y}}<br>{v} %{{x:.3f}}<extra></extra>",
         )

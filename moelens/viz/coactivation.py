@@ -62,9 +62,9 @@ def coactivation_heatmap(
             name=v,
         )
     )
-    fig.update_xaxes(type="category", title_text="co-picked expert j")
-    fig.update_yaxes(type="category", autorange="reversed", title_text="expert i")
-    return finish_figure(fig, name, ttl, F.coactivation_finding(d, value=v, baseline=baseline), height=max(360, 140 + 22 * E))
+    fig.update_xaxes(type="category", title_text="co-picked expert j", nticks=min(E, 32))
+    fig.update_yaxes(type="category", autorange="reversed", title_text="expert i", nticks=min(E, 32))
+    return finish_figure(fig, name, ttl, F.coactivation_finding(d, value=v, baseline=baseline), height=min(900, max(360, 140 + 22 * E)))  # 256 experts: a square, not a scroll
 
 
 def transition_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str | None = None, title: str | None = None) -> go.Figure:
@@ -112,4 +112,4 @@ def transition_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str
         )
     fig.update_xaxes(type="category", title_text=f"top-1 expert in {layer_label(nl) if nl is not None else 'next layer'}")
     fig.update_yaxes(type="category", autorange="reversed", title_text=f"top-1 expert in {layer_label(layer)}")
-    return finish_figure(fig, name, ttl, finding, height=max(360, 140 + 22 * Ea))
+    return finish_figure(fig, name, ttl, finding, height=min(900, max(360, 140 + 22 * Ea)))

@@ -19,12 +19,14 @@ def load_heatmap(
     *,
     label: str | None = None,
     n_experts: int | None = None,
+    zmax: float | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Layer × expert heatmap of load (``expert_load`` output: ``layer, expert, <value>`` [, ``label``]).
 
     ``value`` is ``share`` (binary top-k: fraction of routed slots) or ``gate_share`` (gate-weighted).
-    Capacity drops (expert -1) are left out of the grid.
+    Capacity drops (expert -1) are left out of the grid. ``zmax`` (in %) fixes the top of the colour scale, so
+    heatmaps that are compared side by side share one scale.
     """
     weighted = "gate" in value
     name = "load_heatmap"
@@ -48,6 +50,7 @@ def load_heatmap(
             y=[layer_label(v) for v in layers],
             colorscale=SEQUENTIAL_SCALE,
             zmin=0,
+            zmax=zmax,
             colorbar=dict(title=dict(text="% of gate mass" if weighted else "% of slots", side="right")),
             text=np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:.0f}")(np.nan_to_num(z))) if show_text else None,
             texttemplate="%{text}" if show_text else None,
@@ -59,7 +62,7 @@ def load_heatmap(
         )
     )
     fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_xaxes(type="category", side="bottom")
+    fig.update_xaxes(type="category", side="bottom", nticks=min(E, 32))  # 64-256 experts: every n-th label
     return finish_figure(
         fig,
         name,
@@ -67,7 +70,7 @@ def load_heatmap(
         F.load_finding(d, value=value, n_experts=E),
         x_title="expert",
         y_title="layer",
-        height=max(260, 120 + 26 * len(layers)),
+        height=max(320, 140 + 40 * len(layers)),
     )
 
 

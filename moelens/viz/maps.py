@@ -80,12 +80,13 @@ def token_map_scatter(df: pd.DataFrame, *, color_by: str = "label", labels: Sequ
     if df is None or df.empty:
         return empty_figure(name, ttl, "No tokens to place.")
     fig = go.Figure()
+    layer = df.attrs.get("params", {}).get("layer")
     groups = "top1" if color_by == "top1" else "label"
     keys = df[groups].map(expert_label) if groups == "top1" else df["label"].fillna("(none)").astype(str)
     all_labels = list(labels) if labels is not None else sorted(keys.unique())
     for key in sorted(keys.unique(), key=lambda k: (len(k), k)):
         dd = df[keys == key]
-        color = (expert_color(int(dd["top1"].iloc[0])) if groups == "top1"
+        color = (expert_color(int(dd["top1"].iloc[0]), layer) if groups == "top1"
                  else label_color(key if key != "(none)" else None, all_labels))
         fig.add_trace(go.Scattergl(
             x=dd["x"], y=dd["y"], mode="markers", name=key, marker=dict(color=color, size=5, opacity=0.75),
@@ -94,7 +95,6 @@ def token_map_scatter(df: pd.DataFrame, *, color_by: str = "label", labels: Sequ
         ))  # fmt: skip
     fig.update_xaxes(showticklabels=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, zeroline=False, scaleanchor="x", scaleratio=1)
-    layer = df.attrs.get("params", {}).get("layer")
     finding = (f"{len(df):,} sampled tokens placed by their router logits"
                + (f" at layer {layer_label(layer)}" if layer is not None else "")
                + f", coloured by {'first choice' if groups == 'top1' else 'label'}: tokens the router treats alike sit together.")

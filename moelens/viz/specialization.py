@@ -68,7 +68,7 @@ def specialization_heatmap(
         F.specialization_finding(d, value=v, baseline=baseline),
         x_title="expert",
         y_title="label",
-        height=max(260, 140 + 30 * len(labels)),
+        height=max(320, 160 + 40 * len(labels)),
     )
 
 
@@ -178,13 +178,13 @@ def layer_expert_heatmap(
         hovertemplate=f"layer %{{y}} · expert %{{x}}<br>{what} %{{z:.3f}}<extra></extra>",
     ))  # fmt: skip
     fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_xaxes(type="category")
+    fig.update_xaxes(type="category", nticks=min(E, 32))
     dd = d.dropna(subset=[value])
     finding = ""
     if len(dd):
         r = dd.loc[dd[value].idxmax()]
         finding = f"Highest {what}: {expert_label(r['expert'])} in layer {layer_label(r['layer'])} ({r[value]:.2f})."
-    return finish_figure(fig, name, title, finding, x_title="expert", y_title="layer", height=max(260, 120 + 26 * len(layers)))
+    return finish_figure(fig, name, title, finding, x_title="expert", y_title="layer", height=max(320, 140 + 40 * len(layers)))
 
 
 def top_tokens_bar(df: pd.DataFrame, *, layer: int, expert: int, n: int = 20, title: str | None = None) -> go.Figure:
@@ -208,7 +208,7 @@ def top_tokens_bar(df: pd.DataFrame, *, layer: int, expert: int, n: int = 20, ti
             x=top[c],
             y=[f"‘{s}’" for s in ys],
             orientation="h",
-            marker_color=expert_color(expert),
+            marker_color=expert_color(expert, layer),
             name="tokens",
             hovertemplate="%{y}<br>%{x} times<extra></extra>",
         )

@@ -223,7 +223,7 @@ def token_html(
     counts: dict[int, int] = {}
     parts: list[str] = ['<div class="moelens-tokens">', f"<style>{_CSS}</style>"]
     legend_at = len(parts)
-    ecol = expert_color(int(expert)) if expert is not None else None
+    ecol = expert_color(int(expert), layer) if expert is not None else None
 
     label_list = sorted({str(v) for v in (labels or {}).values() if v is not None})
     for seq_id, grp in tokens.groupby("seq_id", sort=True):
@@ -253,7 +253,7 @@ def token_html(
                 if e < 0:
                     classes.append("ml-drop")
                 else:
-                    bg = expert_color(e)
+                    bg = expert_color(e, layer)
                     style = f"background:{bg};color:{text_color_for(bg)}"
             elif ecol is not None and color_by == "weight":
                 w = w_d.get(key, 0.0)
@@ -296,7 +296,7 @@ def token_html(
         if color_by == "top1":
             chips = []
             for e, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                bg = DROPPED_COLOR if e < 0 else expert_color(e)
+                bg = DROPPED_COLOR if e < 0 else expert_color(e, layer)
                 name = "dropped" if e < 0 else f"E{e}"
                 chips.append(
                     f'<span class="ml-chip" style="background:{bg};color:{text_color_for(bg)}">{name} · {n}</span>'
