@@ -79,10 +79,20 @@ def emit(df, fmt: str, title: str | None = None) -> None:
         raise MoelensError(f"--format must be table, csv or json, not {fmt!r}")
 
 
+#: How a table shows a missing value (NULL, NaN, pandas NA): one marker everywhere.
+MISSING = "-"
+
+
 def _cell(value) -> str:
+    """Integers as integers (also integral floats: 151050, not 1.51e+05), other floats to 4 digits, one marker
+    for a missing value."""
+    import pandas as pd
+
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
+        return MISSING
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
 
 
 @app.command()
@@ -130,12 +140,23 @@ def record(
 @app.command()
 def runs(db: Path = DbOption, fmt: str = FormatOption) -> None:
     """List the runs in the trace store."""
+    import pandas as pd
+
     from moelens.store import TraceStore
 
     df = TraceStore(db, read_only=True).runs()
     cols = ["run_id", "name", "model", "model_type", "status", "n_experts", "top_k", "n_sequences", "n_tokens", "labels",
             "parent_run_id", "created_at"]
-    emit(df[cols], fmt, title=str(db))
+    if fmt != "table":
+        emit(df[cols], fmt, title=str(db))
+        return
+    # An 80-column terminal: the columns that tell runs apart (csv/json keep every column).
+    narrow = pd.DataFrame({
+        "run": df["run_id"], "name": df["name"].fillna(df["model"]).astype(str).map(lambda t: t if len(t) <= 24 else t[:23] + "…"),
+        "status": df["status"], "experts": [f"{e}/top-{k}" if pd.notna(e) else MISSING for e, k in zip(df["n_experts"], df["top_k"])],
+        "seqs": df["n_sequences"], "tokens": df["n_tokens"], "parent": df["parent_run_id"],
+    })  # fmt: skip
+    emit(narrow, fmt, title=str(db))
 
 
 @app.command()

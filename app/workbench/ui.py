@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -405,7 +406,7 @@ def figure(fig, key: str, filename: str, *, select: bool = False, n: str | None 
     shown = go.Figure(fig)
     meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
     shown.update_layout(title_subtitle_text="", margin_t=50 + int(meta.get("extra_top", 0)))
-    config = {"displaylogo": False, "toImageButtonOptions": {"filename": filename, "scale": 2}}
+    config = {"displaylogo": False, "toImageButtonOptions": {"filename": safe_name(filename), "scale": 2}}
     event = None
     if select:
         event = st.plotly_chart(shown, key=key, config=config, on_select="rerun", selection_mode="points")
@@ -414,7 +415,7 @@ def figure(fig, key: str, filename: str, *, select: bool = False, n: str | None 
     st.download_button(
         "Download figure (HTML)",
         data=lambda: figure_html(fig),
-        file_name=f"{filename}.html",
+        file_name=f"{safe_name(filename)}.html",
         mime="text/html",
         key=f"{key}_html",
         icon=":material/download:",
@@ -460,7 +461,7 @@ def table(
     st.download_button(
         "Download table (CSV)",
         data=lambda: df.to_csv(index=False).encode("utf-8"),
-        file_name=f"{filename}.csv",
+        file_name=f"{safe_name(filename)}.csv",
         mime="text/csv",
         key=f"{key}_csv",
         icon=":material/download:",
@@ -478,4 +479,11 @@ def layer_select(page: Page, key: str, label: str = "Layer", default: int | None
 
 
 def slug(page: Page, *parts: Any) -> str:
-    return "_".join(["moelens", f"run{page.run}", *[str(p) for p in parts]])
+    """A download's file name: ``moelens_run3_<parts>``, with anything but letters, digits, ``.``, ``-`` and ``_``
+    (spaces, slashes, quotes in labels or token texts) turned into ``-``."""
+    return safe_name("_".join(["moelens", f"run{page.run}", *[str(p) for p in parts]]))
+
+
+def safe_name(name: str) -> str:
+    """``name`` usable as a file name everywhere: runs of other characters than ``[A-Za-z0-9._-]`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "moelens"
