@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from moelens import viz  # noqa: E402
+from moelens.errors import MoelensError  # noqa: E402
 from workbench import data, queries, ui  # noqa: E402
 
 page = ui.setup(
@@ -63,7 +64,12 @@ color = c3.radio("Colour by", ["label", "top1"], key="router_map_color", horizon
                  format_func=lambda c: {"label": "label", "top1": "first choice"}[c])
 key = ("token_map", db, stamp, page.run, int(map_layer), int(n_tokens))
 if data.was_computed(key) or st.button("Compute the token map", key="router_map_go"):
-    tmap = page.call("token_map", layer=int(map_layer), max_tokens=int(n_tokens))
+    try:
+        with st.spinner("Computing the token map …"):
+            tmap = queries.umap_map(db, stamp, "token_map", page.run, (("layer", int(map_layer)), ("max_tokens", int(n_tokens))))
+    except MoelensError as exc:
+        st.warning(str(exc))
+        tmap = None
     if tmap is not None:
         data.mark_computed(key)
         ui.figure(viz.token_map_scatter(tmap, color_by=color, labels=page.labels), "router_map_fig",

@@ -101,3 +101,19 @@ def on_label(db: str, stamp: float, name: str, run: int, label: str, params: tup
         raise InputError(f"run {run} has no label {label!r}")
     sub = data.select(data.label == data.label_names.index(label))
     return getattr(analysis, name)(sub, **dict(params))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def umap_map(db: str, stamp: float, name: str, run: int, params: tuple) -> pd.DataFrame:
+    """An expert or token map through the disk cache (`moelens.analysis.map_cache`): UMAP runs once per run."""
+    from moelens.analysis.map_cache import cached_map
+
+    with batch(db) as store:
+        return cached_map(store, int(run), name, **dict(params))
+
+
+def map_is_cached(db: str, name: str, run: int, **params) -> bool:
+    from moelens.analysis.map_cache import is_cached
+
+    with batch(db) as store:
+        return is_cached(store, int(run), name, **params)

@@ -65,6 +65,10 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     else:
         console.print(f"recording the demo model over {len(docs)} held-out documents ...")
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+    from moelens.analysis.map_cache import precompute
+
+    console.print("computing the held-out run's expert maps for the Map page (UMAP, once) ...")
+    precompute(store, [runs[RUN_HELDOUT]])
     if open_app:
         from moelens.app_launcher import launch
 
