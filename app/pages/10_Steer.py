@@ -73,8 +73,9 @@ if layout is None:
 # -- 2. intervention ------------------------------------------------------------------------------------
 st.header("2 · Intervention")
 pairs = [(lay, e) for lay in layout["layers"] for e in range(layout["n_experts"])]
-if "steer_disable" not in st.session_state and source == sources[0]:
-    # The bundled model's output visibly changes under the default prompt with these experts disabled.
+if source == sources[0] and loaded and st.session_state.get("_steer_defaults_for") != loaded:
+    # Once per loaded demo model: its output visibly changes under the default prompt with these experts disabled.
+    st.session_state["_steer_defaults_for"] = loaded
     st.session_state["steer_disable"] = [p for p in steer_support.DEMO_DISABLE if p in pairs]
 
 

@@ -122,19 +122,8 @@ class Page:
     def call(self, name: str, *, run: int | None = None, quiet: bool = False, **params: Any) -> Any:
         """Run an analysis for this page's run; on a missing function or a user-facing error show why
         and return None. Unexpected errors are shown with their traceback (and returned as None)."""
-        try:
-            with st.spinner(f"Computing {name} …"):
-                return data.analysis(str(self.db), name, self.run if run is None else run, **params)
-        except data.AnalysisUnavailable as exc:
-            if not quiet:
-                st.info(f"This view needs `moelens.analysis.{name}`: {exc}.")
-            return None
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001 - show, don't crash the whole page
-            show_error(f"{name} failed", exc)
-            return None
+        return guarded(name, f"Computing {name} …", lambda: data.analysis(str(self.db), name, self.run if run is None else run,
+                                                                          **params), quiet=quiet)
 
     def call_on(self, name: str, label: str | None, **params: Any) -> Any:
         """`call` over the tokens of one label only (``label=None``: every token)."""
@@ -142,15 +131,8 @@ class Page:
             return self.call(name, **params)
         from workbench import queries
 
-        try:
-            with st.spinner(f"Computing {name} for label {label!r} …"):
-                return queries.on_label(str(self.db), self.stamp, name, self.run, label, queries._freeze(params))
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001
-            show_error(f"{name} failed", exc)
-            return None
+        return guarded(name, f"Computing {name} for label {label!r} …",
+                       lambda: queries.on_label(str(self.db), self.stamp, name, self.run, label, queries._freeze(params)))
 
     def call_ci(self, name: str, ci: dict[str, int] | None, **params: Any) -> Any:
         """`call`, with a bootstrap interval over sequences (``<value>_lo/_hi`` columns) when ``ci`` is set
@@ -159,29 +141,29 @@ class Page:
             return self.call(name, **params)
         from workbench import queries
 
-        try:
-            with st.spinner(f"Bootstrapping {name} over sequences ({ci['n_boot']} resamples) …"):
-                return queries.bootstrap(str(self.db), self.stamp, name, self.run, ci["n_boot"], ci["seed"], **params)
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001
-            show_error(f"bootstrap of {name} failed", exc)
-            return None
+        return guarded(name, f"Bootstrapping {name} over sequences ({ci['n_boot']} resamples) …",
+                       lambda: queries.bootstrap(str(self.db), self.stamp, name, self.run, ci["n_boot"], ci["seed"], **params))
 
     def call_pair(self, name: str, run_a: int, run_b: int, **params: Any) -> Any:
-        try:
-            with st.spinner(f"Computing {name} …"):
-                return data.analysis_pair(str(self.db), name, run_a, run_b, **params)
-        except data.AnalysisUnavailable as exc:
+        return guarded(name, f"Computing {name} …", lambda: data.analysis_pair(str(self.db), name, run_a, run_b, **params))
+
+
+def guarded(name: str, spinner: str, compute: Any, *, quiet: bool = False) -> Any:
+    """``compute()`` under a spinner; a missing analysis is an info box (unless ``quiet``), a user-facing error a
+    warning, anything else an error with its traceback: the page goes on, the result is None."""
+    try:
+        with st.spinner(spinner):
+            return compute()
+    except data.AnalysisUnavailable as exc:
+        if not quiet:
             st.info(f"This view needs `moelens.analysis.{name}`: {exc}.")
-            return None
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001
-            show_error(f"{name} failed", exc)
-            return None
+        return None
+    except MoelensError as exc:
+        st.warning(str(exc))
+        return None
+    except Exception as exc:  # noqa: BLE001 - show, don't crash the whole page
+        show_error(f"{name} failed", exc)
+        return None
 
 
 def ci_controls(key: str, container: Any = None) -> dict[str, int] | None:
