@@ -183,9 +183,12 @@ def test_steer_generate_twice_saves_nothing(server) -> None:
             for i in range(2):
                 page.get_by_role("button", name="Generate baseline and steered").click()
                 _settle(page, timeout_ms=180_000)
-                page.get_by_text("Baseline vs steered").wait_for(timeout=180_000)
+                page.get_by_text("Baseline vs steered", exact=True).wait_for(timeout=180_000)
                 assert page.locator(".moelens-tokens").count() == 2
                 assert page.get_by_role("button", name="Save as runs").count() == 1
+            # the default prompt and intervention change the bundled model's output visibly
+            outlined = page.get_by_text("positions whose text differs", exact=False).inner_text()
+            assert not outlined.startswith("Red outline: the 0 "), outlined
             page.screenshot(path=str(ARTIFACTS / "steer.png"), full_page=True)
             assert not page.locator('[data-testid="stException"]').count()
         finally:
