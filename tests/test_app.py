@@ -535,7 +535,7 @@ def demo_store(tmp_path_factory) -> dict:
     if not (DEMO_MODEL_DIR / "model.safetensors").exists():
         pytest.skip("demo model not shipped")
     db = tmp_path_factory.mktemp("app_demo") / "demo.duckdb"
-    runs = run_demo(db, open_app=False, max_tokens=3000, progress=False)
+    runs = run_demo(db, open_app=False, max_tokens=3000, progress=False, maps=False)
     return {"path": db, "heldout": runs[RUN_HELDOUT], "early": runs[RUN_EARLY]}
 
 

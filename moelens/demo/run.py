@@ -31,8 +31,9 @@ console = Console()
 
 
 def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = None, again: bool = False,
-             seq_len: int = 256, progress: bool = True) -> dict[str, int]:
-    """Record the demo runs (unless present) and open the app or print a summary; returns {run name: id}."""
+             seq_len: int = 256, progress: bool = True, maps: bool = True) -> dict[str, int]:
+    """Record the demo runs (unless present), compute the Map page's maps (``maps``) and open the app or print a
+    summary; returns {run name: id}."""
     import torch
 
     from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
@@ -65,10 +66,11 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     else:
         console.print(f"recording the demo model over {len(docs)} held-out documents ...")
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
-    from moelens.analysis.map_cache import precompute
+    if maps:
+        from moelens.analysis.map_cache import precompute
 
-    console.print("computing the held-out run's expert maps for the Map page (UMAP, once) ...")
-    precompute(store, [runs[RUN_HELDOUT]])
+        console.print("computing the held-out run's expert maps for the Map page (UMAP, once) ...")
+        precompute(store, [runs[RUN_HELDOUT]])
     if open_app:
         from moelens.app_launcher import launch
 
