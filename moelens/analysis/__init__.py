@@ -3,7 +3,7 @@
 Every score is ``score(source, run=None, **params) -> pandas.DataFrame`` where ``source`` is a
 `TraceStore` (with ``run`` = run id) or a `RoutingData`; results are tidy (long) tables whose
 ``df.attrs["params"]`` names the score, run, phase and parameters. Definitions, edge cases and references:
-``/work/shared/reference/metrics.md`` (cited per function). `SCORES` / `run_score` list and run them by
+each function's docstring, which cites its paper (arXiv id) and reference code. `SCORES` / `run_score` list and run them by
 name. No torch, transformers or streamlit here; umap and numba are imported only by the functions that
 need them.
 """
