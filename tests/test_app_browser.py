@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]  # fmt: skip
 #: URL path of each page (Streamlit derives it from the file name without the number prefix).
 PAGES = ["", "Tokens", "Experts", "Specialization", "Consistency", "Committee", "nPMI", "Co-activation", "Map",
-         "Compare", "Steer"]  # fmt: skip
+         "Compare", "Steer", "Router", "SQL"]  # fmt: skip
 BUDGET_S = 115  # the whole test, start to finish
 
 
