@@ -105,13 +105,13 @@ if steering_ready:
                                        boost_unit=boost_unit, gate_scale=gate, beta=beta, mode=mode)
     except Exception as exc:  # noqa: BLE001 - e.g. an expert both disabled and forced
         spec_error = str(exc)
-    if spec is not None and spec.is_empty:
-        spec_error = "Choose at least one expert to disable, force, boost or gate-scale."
-if spec_error:
+if spec is not None and spec.is_empty:
+    st.caption("Choose at least one expert to disable, force, boost or gate-scale.")
+elif spec_error:
     st.warning(spec_error)
-    for stale in steer_support.RESULT_KEYS:  # a result for a spec that no longer holds would mislead
-        if st.session_state.pop(stale, None) is not None:
-            st.info("The results shown before were for an earlier intervention and have been cleared.")
+    cleared = [k for k in steer_support.RESULT_KEYS if st.session_state.pop(k, None) is not None]
+    if cleared:  # a result for a spec that no longer holds would mislead
+        st.info("The results shown before were for an earlier intervention and have been cleared.")
 elif spec is not None:
     st.caption(f"Intervention: **{ui.md_escape(spec.describe())}**")
 
@@ -123,7 +123,7 @@ max_new = c1.number_input("New tokens", 1, 256, 24, key="steer_new")
 n_random = c2.number_input("Random controls", 0, 10, 0, key="steer_random",
                            help="Also run random interventions of the same shape, to see whether the effect is specific")
 label = c3.text_input("Label for saved runs", value="steer", key="steer_label")
-can_run = bool(steering_ready and loaded and prompt and spec is not None and not spec_error)
+can_run = bool(steering_ready and loaded and prompt and spec is not None and not spec.is_empty)
 request = {"prompt": prompt, "max_new_tokens": int(max_new), "n_random": int(n_random), "label": label or None}
 if st.button("Generate baseline and steered", key="steer_go", disabled=not can_run, type="primary",
              help="Generates and measures in a scratch store; the trace store is not touched."):
