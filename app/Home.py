@@ -74,6 +74,7 @@ ui.table(
     shown,
     "runs_table",
     "moelens_runs",
+    n=f"n = {len(shown)} runs in the store",
     column_config={
         "run": st.column_config.NumberColumn(format="#%d", width="small"),
         "tokens": st.column_config.NumberColumn(format="%d"),

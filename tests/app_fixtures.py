@@ -2,13 +2,14 @@
 
 `make_store(path)` writes a small store with:
 
-* run 1 ``synthetic: baseline`` — complete; four labels (python, math, english, multilingual), texts with
+* run 1 ``synthetic: baseline`` — complete, with router logits; four labels (python, math, english, multilingual), texts with
   multibyte characters, a ``<script>`` token and newlines; 4 MoE layers with the model's own ids 1..4
   (layer 0 is "dense"), 8 experts, top-2; a few capacity drops (expert -1) at layer 1;
 * run 2 ``synthetic: steered`` — complete, the same tokens with expert 3 disabled at layer 2
   (``parent_run_id = 1`` and an intervention spec), so Compare has a real pair;
 * run 3 ``synthetic: failed`` — status ``failed`` with an error message and a few rows;
-* run 4 ``synthetic: interrupted`` — status ``recording`` (what a crash leaves).
+* run 4 ``synthetic: interrupted`` — status ``recording`` (what a crash leaves);
+* run 5 ``synthetic: another model`` — complete, three documents routed over 16 experts (Compare refuses it).
 
 Routing is drawn from label- and token-dependent preferences with some carry-over between consecutive
 tokens, so every analysis has structure to find. ``scale="demo"`` writes a store the size of the demo
@@ -130,6 +131,7 @@ def _write_run(
     error: str | None = None,
     drops_layer: int | None = None,
     chunk_tokens: int = 200_000,
+    logits: bool = False,
 ) -> int:
     rng = np.random.default_rng(noise_seed)
     intervention = None
@@ -229,6 +231,19 @@ def _write_run(
                 }
             },
         )
+    if logits:  # router logits consistent with the routing: chosen experts score highest, in rank order
+        chosen = expert_col.reshape(n, len(layers), top_k)
+        z = rng.normal(0, 1, size=(n, len(layers), n_experts)).astype(np.float32)
+        for r in range(top_k):
+            e = chosen[:, :, r]
+            ok = e >= 0
+            np.put_along_axis(z, np.where(ok, e, 0)[..., None], np.where(ok, 6.0 - r, z[..., :1].squeeze(-1))[..., None], axis=-1)
+        store.append(run, {"router_logits": {
+            "seq_id": np.repeat(np.array(tok_seq, dtype=np.int32), len(layers)),
+            "pos": np.repeat(np.array(tok_pos, dtype=np.int32), len(layers)),
+            "layer": np.tile(np.array(layers, dtype=np.int32), n),
+            "logits": list(z.reshape(n * len(layers), n_experts)),
+        }})
     if status in ("complete", "failed"):
         store.finish_run(run, status, error=error)
     return run
@@ -272,7 +287,8 @@ def make_store(path: str | Path, *, scale: str = "small") -> dict:
         raise ValueError(f"scale must be 'small' or 'demo', not {scale!r}")
     common = dict(layers=layers, n_experts=E, top_k=k)
     runs = {}
-    runs["baseline"] = _write_run(store, "synthetic: baseline", docs, vocab, status="complete", drops_layer=layers[0], **common)
+    runs["baseline"] = _write_run(store, "synthetic: baseline", docs, vocab, status="complete", drops_layer=layers[0],
+                                  logits=scale == "small", **common)
     runs["steered"] = _write_run(
         store,
         "synthetic: steered (L2·E3 off)" if scale == "small" else "synthetic: steered (L1·E3 off)",
@@ -288,6 +304,8 @@ def make_store(path: str | Path, *, scale: str = "small") -> dict:
             store, "synthetic: failed", docs[:2], vocab, status="failed", error="KeyboardInterrupt at chunk 1", **common
         )
         runs["interrupted"] = _write_run(store, "synthetic: interrupted", docs[:1], vocab, status="recording", **common)
+        runs["other_model"] = _write_run(store, "synthetic: another model (16 experts)", docs[:3], vocab,
+                                         status="complete", layers=layers, n_experts=16, top_k=k)
     return {"path": path, "runs": runs, "layers": layers, "n_experts": E, "top_k": k, "labels": sorted({d[0] for d in docs})}
 
 

@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "MOELENS_CACHE_DIR" not in os.environ:  # maps computed by tests stay out of the user's cache
+    import tempfile
+
+    os.environ["MOELENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="moelens-test-cache-")
 
 import pytest  # noqa: E402
 

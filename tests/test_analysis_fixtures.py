@@ -350,7 +350,7 @@ def test_shared_expert_stats() -> None:
 def test_params_are_attached(toy: RoutingData) -> None:
     df = A.srp(toy, segment_lengths=(2,))
     assert df.attrs["params"]["score"] == "srp" and df.attrs["params"]["segment_lengths"] == [2]
-    assert "metrics.md" in df.attrs["params"]["reference"]
+    assert "arXiv 2505.16056" in df.attrs["params"]["reference"] and ".md" not in df.attrs["params"]["reference"]
 
 
 def test_phase_filter_splits_sequences() -> None:

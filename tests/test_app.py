@@ -142,10 +142,24 @@ def test_tokens_deep_link_search_and_escaping(fixture_store: dict) -> None:
     # search narrows the sequence list
     at.text_input(key="tok_search").input("Привет").run()
     assert any("1 of 16 sequences match" in c.value for c in at.caption)
-    # gate-weight colouring
+    # search matches are outlined in the text
+    assert any("tokens overlap a match of 'Привет'" in c.value for c in at.caption)
+    assert "ml-hl" in at.get("html")[0].proto.body
+    # gate-weight colouring (scaled to the data: tests/test_viz.py)
     at.radio(key="tok_mode").set_value("gate weight of one expert").run()
     assert not problems(at)
     assert "Gate weight of E0" in at.get("html")[0].proto.body
+
+
+def test_tokens_concordance_jumps_to_an_occurrence(fixture_store: dict) -> None:
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"seq": "0"})
+    at.text_input(key="tok_conc").input(" the").run()
+    assert not problems(at)
+    hits = next(d.value for d in at.dataframe if "left" in d.value.columns)
+    assert len(hits) == 1 and set(hits["token"]) == {" the"} and hits["top1"].str.startswith("E").all()
+    row = hits.iloc[0]
+    assert row["left"].endswith(" devoted to") and row["right"].startswith(" language")  # 6 tokens each side
+    assert any("n = 1 occurrences of ' the'" in c.value for c in at.caption)
 
 
 def test_run_choice_follows_the_user_across_pages(fixture_store: dict) -> None:
@@ -175,10 +189,18 @@ def test_experts_page_findings_and_labels(fixture_store: dict) -> None:
     text = markdown_text(at)
     assert "Busiest expert:" in text and "even spread would be 12.5%" in text
     assert "Least balanced layer:" in text
+    balance_all = next(s for s in plotly_specs(at) if s["layout"]["meta"]["moelens_figure"] == "entropy_chart")
     at.segmented_control(key="exp_scope").set_value("math").run()
     assert not problems(at)
-    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    specs = plotly_specs(at)
+    titles = [s["layout"]["title"]["text"] for s in specs]
     assert any("math" in t for t in titles)
+    # the label filter reaches every section: balance and the expert profile are over the math tokens only
+    assert any("shows the tokens of 'math' only" in c.value for c in at.caption)
+    balance_math = next(s for s in specs if s["layout"]["meta"]["moelens_figure"] == "entropy_chart")
+    assert balance_math["layout"]["meta"]["finding"] != balance_all["layout"]["meta"]["finding"]
+    heat = [s for s in specs if s["layout"]["meta"]["moelens_figure"] == "load_heatmap"]
+    assert len(heat) == 2 and heat[0]["data"][0]["zmax"] == heat[1]["data"][0]["zmax"]  # one colour scale
 
 
 def test_compare_shows_the_steered_layer(fixture_store: dict) -> None:
@@ -190,9 +212,110 @@ def test_compare_shows_the_steered_layer(fixture_store: dict) -> None:
     assert spec["layout"]["meta"]["moelens_figure"] == "agreement_chart"
     # expert 3 was disabled at layer 2 only: that layer agrees least
     assert "lowest in layer L2" in spec["layout"]["meta"]["finding"]
+    assert any("changed their expert set at layer" in c.value for c in at.caption), "per-token view at once"
+    names = {t["name"] for t in spec["data"]}
+    assert {"chance, top-k overlap (k/E)", "chance, same top-1 (1/E)"} <= names
     at.toggle(key="cmp_score").set_value(True).run()
     assert not problems(at)
-    assert any("changed their expert set" in c.value for c in at.caption)
+    assert any("shorter than 16 tokens left out" in c.value for c in at.caption)
+
+
+def test_default_run_and_pair_ignore_steering_side_runs() -> None:
+    import pandas as pd
+
+    sys.path.insert(0, str(APP))
+    try:
+        from workbench import ui
+    finally:
+        sys.path.remove(str(APP))
+    runs = pd.DataFrame({
+        "run_id": [1, 2, 3, 4, 5, 6],
+        "name": ["corpus", "early", "baseline · x", "steered · x", "random:0 · x", "random:1 · x"],
+        "status": ["complete"] * 6,
+        "parent_run_id": pd.array([None, None, None, 3, 3, 3], dtype="Int64"),
+        "n_tokens": [150_000, 150_000, 42, 42, 42, 42],
+        "n_experts": [16] * 6,
+    })
+    assert ui.default_run(runs) == 2  # the largest plain run (the newest of equal size), not the experiment
+    assert ui.default_pair(runs, 3) == 4  # the experiment's steered run, not a random control
+    assert ui.default_pair(runs, 5) == 3  # a control pairs with its baseline
+    assert ui.default_pair(runs, 2) == 1  # the same tokens
+
+
+def test_bad_deep_links_say_so(fixture_store: dict) -> None:
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"run": "999"})
+    assert not at.exception
+    assert any("?run=999" in w.value and "not here" in w.value for w in at.warning)
+    assert at.sidebar.selectbox[0].value == fixture_store["runs"]["baseline"]
+    at = run_page(APP / "pages" / "01_Tokens.py", fixture_store["path"], query={"seq": "99999"})
+    assert any("?seq=99999" in w.value for w in at.warning)
+
+
+def test_compare_refuses_runs_with_different_expert_counts(fixture_store: dict) -> None:
+    runs = fixture_store["runs"]
+    query = {"run": str(runs["baseline"]), "run_b": str(runs["other_model"])}
+    at = run_page(APP / "pages" / "09_Compare.py", fixture_store["path"], query=query)
+    assert not at.exception
+    assert any("8 experts" in w.value and "16" in w.value for w in at.warning)
+    assert not plotly_specs(at)
+    at.checkbox(key="cmp_any_experts").check().run()
+    assert not problems(at) and not plotly_specs(at) and len(at.get("html")) == 2
+
+
+def test_statistics_sample_sizes_intervals_and_thin_data(fixture_store: dict) -> None:
+    # every figure and table states its n
+    at = run_page(APP / "pages" / "04_Consistency.py", fixture_store["path"])
+    text = markdown_text(at)
+    assert "consecutive pairs per layer" in text and "rows · n = " in text
+    # bootstrap intervals over sequences: error bars on the repetition bars and the SRP lines
+    at.toggle(key="cons_ci").set_value(True).run()
+    at.number_input(key="cons_nboot").set_value(20).run(timeout=300)
+    assert not problems(at)
+    specs = {s["layout"]["meta"]["moelens_figure"]: s for s in plotly_specs(at)}
+    assert specs["repetition_chart"]["data"][0]["error_y"]["type"] == "data"
+    assert specs["srp_chart"]["data"][0]["error_y"]["type"] == "data"
+    assert any("first_choice_lo" in str(df.value.columns.tolist()) for df in at.dataframe)
+    # nPMI: the minimum-count filter is on by default and says what it left out
+    at = run_page(APP / "pages" / "06_nPMI.py", fixture_store["path"])
+    assert any(c.value.startswith("Minimum count 5:") for c in at.caption)
+    assert "tokens in the selection)" in markdown_text(at)
+    # a committee over 4 sequences per label is flagged
+    at = run_page(APP / "pages" / "05_Committee.py", fixture_store["path"])
+    assert any("fewer than 5 sequences" in w.value for w in at.warning)
+
+
+def test_router_page_needs_logits_and_shows_confidence(fixture_store: dict) -> None:
+    runs = fixture_store["runs"]
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"], query={"run": str(runs["baseline"])})
+    assert not problems(at)
+    spec = plotly_specs(at)[0]
+    assert spec["layout"]["meta"]["moelens_figure"] == "router_confidence_chart"
+    assert "Most near-ties in layer" in spec["layout"]["meta"]["finding"]
+    assert at.get("html") and any("near-ties of n =" in c.value for c in at.caption)
+    assert any(b.label == "Compute the token map" for b in at.button)
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"], query={"run": str(runs["steered"])})
+    assert not problems(at) and any("without router logits" in i.value for i in at.info)
+    assert any("--logits" in c.value for c in at.code)
+
+
+def test_sql_console_page(fixture_store: dict) -> None:
+    page = APP / "pages" / "13_SQL.py"
+    at = run_page(page, fixture_store["path"])
+    assert not problems(at)
+    at.selectbox(key="sql_example").set_value("load per layer and expert").run()
+    at.button(key="sql_go").click().run()
+    assert not problems(at)
+    result = at.dataframe[-1].value
+    assert {"layer", "expert", "slots"} <= set(result.columns) and len(result) > 0
+    assert any("sql_result_csv" == b.key for b in at.get("download_button"))
+    at.text_area(key="sql_text").input("DROP TABLE routing").run()
+    assert any("read-only" in e.value and "DROP" in e.value for e in at.error)
+    at.text_area(key="sql_text").input("SELECT * FROM tokens").run()
+    assert any("count mismatch" in e.value for e in at.error)  # the example's [1] is still bound: DuckDB says so
+    at.text_input(key="sql_params").input("").run()
+    at.number_input(key="sql_limit").set_value(5).run()
+    assert not problems(at), problems(at)
+    assert len(at.dataframe[-1].value) == 5 and any("first 5 rows" in w.value for w in at.warning)
 
 
 def test_npmi_modes(fixture_store: dict) -> None:
@@ -202,9 +325,24 @@ def test_npmi_modes(fixture_store: dict) -> None:
     at.text_area(key="npmi_tokens").input(" =\n +\nnot-a-token\n").run()
     assert not problems(at)
     assert any("Not in this run: 'not-a-token'" in c.value for c in at.caption)
+    at.segmented_control(key="npmi_mode").set_value("combined (RICE)").run()
+    assert not problems(at)
+    spec = plotly_specs(at)[0]
+    assert "Σ coef · nPMI" in spec["layout"]["title"]["text"]
     at.segmented_control(key="npmi_mode").set_value("two labels (risk difference)").run()
     assert not problems(at)
     assert plotly_specs(at)[0]["layout"]["meta"]["moelens_figure"] == "risk_difference_bar"
+
+
+@pytest.mark.slow
+def test_token_map_computes_on_request(fixture_store: dict) -> None:
+    pytest.importorskip("umap")
+    at = run_page(APP / "pages" / "12_Router.py", fixture_store["path"])
+    at.button(key="router_map_go").click().run(timeout=600)
+    assert not problems(at)
+    spec = plotly_specs(at)[-1]
+    assert spec["layout"]["meta"]["moelens_figure"] == "token_map"
+    assert {t["name"] for t in spec["data"]} <= set(fixture_store["labels"])
 
 
 @pytest.mark.slow
@@ -316,7 +454,7 @@ def test_steer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
                                    force=[(layout["layers"][-1], layout["n_experts"] - 1)])
     assert isinstance(spec, steering.SteeringSpec)
     db = tmp_path / "steer.duckdb"
-    res = steer_support.run_pair(model, tok, db, "hello moe, ", spec, max_new_tokens=6, label="t")
+    res = steer_support.run_pair(model, tok, db, "hello moe, ", spec, max_new_tokens=6, label="t", save=True)
     base, steered = res["runs"]
     store = TraceStore(db, read_only=True)
     runs = store.runs().set_index("run_id")
@@ -341,19 +479,45 @@ def test_steer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
     tok.save_pretrained(folder)
     page_db = tmp_path / "page.duckdb"
     at = run_page(APP / "pages" / "10_Steer.py", page_db)
-    at.radio(key="steer_source").set_value("local path or hub id (offline cache)").run()
+    at.radio(key="steer_source").set_value("local folder or hub id").run()
     at.text_input(key="steer_path").input(str(folder)).run()
     at.button(key="steer_load").click().run(timeout=300)
     assert not problems(at)
     assert any("Loaded" in s.value for s in at.success)
     at.multiselect(key="steer_disable").set_value([(first, 0), (first, 1)]).run()
     at.number_input(key="steer_new").set_value(4).run()
-    at.button(key="steer_go").click().run(timeout=300)
+    for _ in range(2):  # generating (twice) writes nothing to the store
+        at.button(key="steer_go").click().run(timeout=300)
+        assert not problems(at)
+        assert len(at.get("html")) == 2 and not any("Saved as run" in s.value for s in at.success)
+    assert not page_db.exists() or TraceStore(page_db, read_only=True).runs().empty
+    # per-position effects on the prompt and its continuation
+    at.button(key="steer_pos_go").click().run(timeout=300)
+    assert not problems(at)
+    effects = at.session_state["steer_positions"]
+    assert len(effects) >= 4 and {"logprob_base", "logprob", "kl", "top_base", "top_steered"} <= set(effects.columns)
+    assert any(m.value.startswith(f"n = {len(effects)} predicted tokens") for m in at.markdown)
+    # saving is explicit
+    at.button(key="steer_save_runs").click().run(timeout=300)
     assert not problems(at)
     assert any("Saved as run #1 (baseline) and run #2 (steered, parent #1)" in s.value for s in at.success)
-    assert len(at.get("html")) == 2
     saved = TraceStore(page_db, read_only=True).runs().set_index("run_id")
-    assert saved.loc[2, "parent_run_id"] == 1 and "disable" in saved.loc[2, "intervention"]
+    assert len(saved) == 2 and saved.loc[2, "parent_run_id"] == 1 and "disable" in saved.loc[2, "intervention"]
+    # a dose-response over a boost, on the saved (labelled) run, against 2 random controls (too few: a warning)
+    at.multiselect(key="steer_boost").set_value([(layout["layers"][-1], 2)]).run()
+    at.number_input(key="steer_ds_random").set_value(2).run()
+    at.text_input(key="steer_dose_grid").input("0, 3").run()
+    at.button(key="steer_dose_go").click().run(timeout=300)
+    assert not problems(at)
+    dose = plotly_specs(at)[0]
+    assert dose["layout"]["meta"]["moelens_figure"] == "dose_response_chart"
+    assert "n = 2 random controls" in dose["layout"]["meta"]["finding"]
+    assert any("Only 2 random controls" in w.value for w in at.warning)
+    # an invalid spec (the same expert disabled and forced) clears the results and says why
+    at.multiselect(key="steer_force").set_value([(first, 0)]).run()
+    assert any("both" in w.value or "disable" in w.value for w in at.warning)
+    assert "steer_result" not in at.session_state and "steer_dose" not in at.session_state
+    assert any("have been cleared" in i.value for i in at.info)
     # and the two runs are a regular pair for Compare
     cmp = run_page(APP / "pages" / "09_Compare.py", db, query={"run": str(base), "run_b": str(steered)})
     assert not problems(cmp)
@@ -371,7 +535,7 @@ def demo_store(tmp_path_factory) -> dict:
     if not (DEMO_MODEL_DIR / "model.safetensors").exists():
         pytest.skip("demo model not shipped")
     db = tmp_path_factory.mktemp("app_demo") / "demo.duckdb"
-    runs = run_demo(db, max_tokens=3000, progress=False)
+    runs = run_demo(db, max_tokens=3000, progress=False, maps=False)
     return {"path": db, "heldout": runs[RUN_HELDOUT], "early": runs[RUN_EARLY]}
 
 

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]  # fmt: skip
 #: URL path of each page (Streamlit derives it from the file name without the number prefix).
 PAGES = ["", "Tokens", "Experts", "Specialization", "Consistency", "Committee", "nPMI", "Co-activation", "Map",
-         "Compare", "Steer"]  # fmt: skip
+         "Compare", "Steer", "Router", "SQL"]  # fmt: skip
 BUDGET_S = 115  # the whole test, start to finish
 
 
@@ -159,3 +159,38 @@ def test_every_page_in_chromium(server) -> None:
     print("cumulative seconds after each page:", timings)
     assert not failures, "\n".join(failures)
     assert time.monotonic() - t_start < BUDGET_S
+
+
+def test_steer_generate_twice_saves_nothing(server) -> None:
+    """The Steer page in chromium: load the bundled model, press Generate twice, and the store holds exactly the
+    runs it had before (saving is a separate, explicit button)."""
+    from playwright.sync_api import sync_playwright
+
+    from moelens import TraceStore
+    from moelens.demo import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "model.safetensors").exists():
+        pytest.skip("demo model not shipped")
+    before = TraceStore(server["path"], read_only=True).runs()["run_id"].tolist()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server['url']}/Steer", wait_until="domcontentloaded")
+            _settle(page)
+            page.get_by_role("button", name="Load model").click()
+            page.get_by_text("experts, top-", exact=False).wait_for(timeout=120_000)
+            for i in range(2):
+                page.get_by_role("button", name="Generate baseline and steered").click()
+                _settle(page, timeout_ms=180_000)
+                page.get_by_text("Baseline vs steered", exact=True).wait_for(timeout=180_000)
+                assert page.locator(".moelens-tokens").count() == 2
+                assert page.get_by_role("button", name="Save as runs").count() == 1
+            # the default prompt and intervention change the bundled model's output visibly
+            outlined = page.get_by_text("positions whose text differs", exact=False).inner_text()
+            assert not outlined.startswith("Red outline: the 0 "), outlined
+            page.screenshot(path=str(ARTIFACTS / "steer.png"), full_page=True)
+            assert not page.locator('[data-testid="stException"]').count()
+        finally:
+            browser.close()
+    assert TraceStore(server["path"], read_only=True).runs()["run_id"].tolist() == before, "Generate saved a run"

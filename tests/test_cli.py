@@ -143,3 +143,18 @@ def test_analyze_lists_and_computes_scores(recorded) -> None:
     assert csv_out.splitlines()[0].startswith("layer,m,srp")
     proc = moelens("analyze", "no_such_score", "--db", db, check=False)
     assert proc.returncode == 1 and "unknown score" in proc.stderr
+
+
+def test_runs_table_fits_80_columns(tmp_path) -> None:
+    from app_fixtures import make_store
+
+    db = make_store(tmp_path / "f.duckdb")["path"]
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "moelens.cli", "runs", "--db", str(db)], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "e+0" not in out and "<NA>" not in out and "nan" not in out
+    row = next(line for line in lines if "synthetic: steered" in line)
+    assert "│      1 │" in row and "284" in row  # the parent id and an integer token count
+    assert next(line for line in lines if "synthetic: baseline" in line).rstrip("│ ").endswith("-")  # no parent

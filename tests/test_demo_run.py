@@ -31,6 +31,10 @@ def test_demo_no_app_records_three_runs_and_prints_a_summary(tmp_path) -> None:
     assert set(phases["phase"]) == {"prompt", "generated"}
     text = out.getvalue()
     assert "early checkpoint vs final" in text and "routing structure per layer" in text
+    from moelens.analysis import map_cache  # the Map page's maps are ready before the app opens
+
+    heldout = int(runs.loc[RUN_HELDOUT, "run_id"])
+    assert all(map_cache.is_cached(store, heldout, "expert_map", profile=p) for p in ("label", "token"))
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
         main(["demo", "--no-app", "--db", str(db), "--max-tokens", "2500"])  # a second run reuses the runs
     assert len(TraceStore(db, read_only=True).runs()) == 3

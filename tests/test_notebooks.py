@@ -107,6 +107,14 @@ def test_the_five_notebooks_are_there() -> None:
     assert not missing, f"notebooks missing from {NOTEBOOK_DIR}: {sorted(missing)}"
 
 
+@pytest.mark.parametrize("path", [*NOTEBOOKS, NOTEBOOK_DIR / "README.md"], ids=lambda p: p.name)
+def test_notebooks_cite_papers_not_missing_files(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    cited = set(re.findall(r"[\w-]+\.md\b", text)) - {"README.md"}
+    missing = [c for c in cited if not list(NOTEBOOK_DIR.parent.rglob(c))]
+    assert not missing, f"{path.name} cites files that are not in the repository: {missing}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
 def test_notebook_is_stored_without_outputs(path: Path) -> None:
     import nbformat
@@ -157,3 +165,5 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, record_property
             km.shutdown_kernel(now=False)
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "IProgress" not in streams and "TqdmWarning" not in streams, "progress bars warn in the notebook"

@@ -90,6 +90,12 @@ def test_run_experiment_records_runs_and_measures_effects(tmp_path) -> None:
     assert result.loss.groupby("label")["loss_base"].nunique().eq(1).all()  # one baseline for every variant
     assert set(result.routing["layer"]) == {0, 1} and result.routing["share_changed"].between(0, 1).all()
     assert (result.control["n_random"] == 2).all()
+    # the permutation p-value, by hand from the controls' loss changes: (1 + #controls >= steered) / (1 + n)
+    for _, row in result.control.iterrows():
+        group = result.loss[result.loss["label"] == row["label"]]
+        random = group.loc[group["variant"] != "steered", "delta_loss"].to_numpy()
+        assert row["p_perm"] == pytest.approx((1 + (random >= row["delta_loss"]).sum()) / 3)
+        assert 1 / 3 <= row["p_perm"] <= 1
     assert list(result.summary()["label"]) == ["prose", "math"]
     assert len(result.generations) == 3 and set(result.generations.columns) >= {"prompt", "baseline", "steered"}
     assert [len(c.disable) for c in result.controls] == [2, 2]
@@ -139,6 +145,14 @@ def test_cli_steer(tmp_path) -> None:
     assert out["spec"]["disable"] == [[0, 1], [1, 2]] and out["spec"]["boost"] == [[0, 3, 0.5]]
     assert len(out["generations"]) == 3 and out["runs"]["controls"]
     assert len(TraceStore(tmp_path / "c.duckdb").runs()) == 3
+
+    # --no-save: the same report, no run recorded, no store created
+    nosave = tmp_path / "nosave.duckdb"
+    result = CliRunner().invoke(cli(), [*args[:-4], "--db", str(nosave), "--no-save", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["runs"] == {"baseline": None, "steered": None, "controls": []} and len(out["summary"]) == 1
+    assert not nosave.exists()
 
     for bad, error, message in [
         (["--disable", "1-2", "--text", "x y"], SteeringError, "LAYER:EXPERT"),

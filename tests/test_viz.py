@@ -49,7 +49,16 @@ def test_palette_is_stable_and_distinct() -> None:
     first = viz.expert_colors(24)
     assert len(set(first)) == 24
     many = [viz.expert_color(e) for e in range(256)]
-    assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in many)
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in many) and len(set(many)) == 256
+    # distinct at scale: the worst pair among the first n colours, in CIELAB ΔE (> 2.3 is just noticeable)
+    lab = palette._srgb_to_lab(np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in many]))
+    for n, least in ((16, 40), (64, 20), (256, 10)):
+        d = np.linalg.norm(lab[:n, None] - lab[None, :n], axis=-1)
+        d[np.diag_indices(n)] = np.inf
+        assert d.min() > least, (n, d.min())
+    # E3 of one layer is not coloured like E3 of the next: every layer reads the palette from its own offset
+    assert viz.expert_color(3, 1) != viz.expert_color(3, 2)
+    assert not set(viz.expert_colors(16, 0)) & set(viz.expert_colors(16, 1))
     assert viz.expert_color(-1) == palette.DROPPED_COLOR
     cols = viz.label_colors(["math", "code", None])
     assert set(cols) == {"code", "math"} and cols["code"] != cols["math"]
@@ -174,7 +183,7 @@ def test_committee_npmi_map_agreement_top_tokens() -> None:
     fig = viz.npmi_bar(npmi, n=2, what="digits")
     bar = fig.data[0]
     assert list(bar.y) == ["L0 · E0", "L0 · E5"]  # top 2, largest at the top of a horizontal bar chart
-    assert list(bar.marker.color) == [viz.expert_color(0), viz.expert_color(5)]
+    assert list(bar.marker.color) == [viz.expert_color(0, 0), viz.expert_color(5, 0)]
     assert "Most associated with digits: E5 in layer L0" in viz.finding_of(fig)
 
     emap = pd.DataFrame({"layer": [0, 0, 1], "expert": [0, 1, 0], "x": [0.0, 1.0, 2.0], "y": [1.0, 0.0, 1.0],
@@ -189,7 +198,9 @@ def test_committee_npmi_map_agreement_top_tokens() -> None:
     agree = pd.DataFrame({"layer": [0, 1], "n_tokens": [100, 100], "top1_agreement": [0.8, 0.5], "topk_overlap": [0.9, 0.6],
                           "k": [2, 2], "baseline": [0.25, 0.25]})
     fig = viz.agreement_chart(agree)
-    assert [t.name for t in fig.data] == ["top-k overlap", "same top-1", "uniform chance"]
+    assert [t.name for t in fig.data] == ["top-k overlap", "same top-1", "chance, top-k overlap (k/E)",
+                                          "chance, same top-1 (1/E)"]
+    assert list(fig.data[2].y) == [25.0, 25.0] and list(fig.data[3].y) == [12.5, 12.5]  # k/E and 1/E, E = 8
     assert "agree on 75.0% of top-k choices overall; lowest in layer L1 (60.0%)" in viz.finding_of(fig)
 
     top = pd.DataFrame({"token": [" the", "\n", " the"], "count": [5, 3, 1]})
@@ -250,7 +261,7 @@ def test_token_html_colours_tooltips_and_modes() -> None:
     toks, routing = tokens_and_routing(["a", "b", "c"])
     view = viz.token_html(toks, routing, layer=3)
     # top-1 at layer 3 of pos 0 is expert 3: its palette colour is the background
-    assert f"background:{viz.expert_color(3)}" in view.html
+    assert f"background:{viz.expert_color(3, 3)}" in view.html
     # hover text lists every layer with experts and weights; the capacity drop is named
     tip = re.search(r'data-pos="1"[^>]*data-tip="([^"]*)"', view.html).group(1)
     assert "L0  E1 0.70 · dropped 0.00 (not routed)" in tip and "L3  E0 0.70" in tip
@@ -282,3 +293,11 @@ def test_viz_imports_neither_torch_nor_streamlit() -> None:
     code = "import sys, moelens.viz; bad = [m for m in ('torch', 'streamlit') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_token_html_gate_weights_are_scaled_to_the_data() -> None:
+    toks = pd.DataFrame({"pos": [0, 1], "token": ["a", "b"]})
+    routing = pd.DataFrame({"pos": [0, 1], "layer": [0, 0], "rank": [0, 0], "expert": [2, 2], "weight": [0.3, 0.15]})
+    html = viz.token_html(toks, routing, layer=0, color_by="weight", expert=2).html
+    assert "</span> 0.30</div>" in html  # the legend's top is the largest weight shown, not 1
+    assert "rgba(" in html and ",1.000)" in html and ",0.500)" in html  # 0.3 -> full colour, 0.15 -> half

@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from moelens.viz import token_html  # noqa: E402
-from workbench import data, ui  # noqa: E402
+from workbench import data, queries, ui  # noqa: E402
 
 page = ui.setup(
     "Tokens",
@@ -64,10 +64,23 @@ with c4:
 
 toks, routing = data.sequence_tokens(db, stamp, page.run, int(seq))
 row = seqs[seqs["seq_id"] == seq].iloc[0]
+wrong, n_scored = queries.mispredicted(toks)
+outlines = ["search matches", "wrong next-token predictions", "nothing"]
+# A search switches the outline to its matches (a fresh widget per with/without search keeps each choice).
+outline = st.radio("Outline", outlines, key=f"tok_outline_{'search' if query else 'plain'}", horizontal=True, index=0 if query else 1 if n_scored else 2,
+                   help="Wrong next-token predictions: the model's stored greedy prediction (predicted_id) of this "
+                        "token from the tokens before it was another token.")
+highlight = queries.match_positions(toks, query) if outline == outlines[0] else wrong if outline == outlines[1] else set()
+if n_scored:
+    st.caption(f"Greedy next-token accuracy on this sequence: {1 - len(wrong) / n_scored:.1%} of n = {n_scored} "
+               "predicted tokens (the store keeps the greedy prediction, not the per-token loss).")
+if outline == outlines[0] and query:
+    st.caption(f"{len(highlight)} tokens overlap a match of {query!r}.")
 view = token_html(
     toks,
     routing,
     layer=layer,
+    highlight=highlight,
     color_by="top1" if mode == "top-1 expert" else "weight",
     expert=expert,
     seq_titles={int(seq): f"Run #{page.run} · sequence #{int(seq)}"},
@@ -97,3 +110,24 @@ with st.expander("Routing table of this sequence (every layer, every rank)"):
         wide["expert"] = wide["expert"].map(lambda e: "dropped" if e < 0 else f"E{int(e)}")
         wide = wide[["pos", "token", "layer", "rank", "expert", "weight"]]
         ui.table(wide, "tok_routing_table", ui.slug(page, "seq", seq, "routing"))
+
+st.header("Concordance")
+c1, c2 = st.columns([3, 1])
+default_token = str(toks["token"].iloc[min(3, len(toks) - 1)]) if len(toks) else ""
+needle = c1.text_input("Every occurrence of the token (exact text; a leading space is part of it)", value=default_token,
+                       key="tok_conc")
+conc_layer = layer if layer is not None else (layer_ids[0] if layer_ids else 0)
+if needle:
+    hits = queries.concordance(db, stamp, page.run, needle, int(conc_layer))
+    hits["top1"] = hits["top1"].map(lambda e: "" if pd.isna(e) else "dropped" if e < 0 else f"E{int(e)}")
+    c2.metric("occurrences shown", f"{len(hits):,}")
+    st.caption(f"Top-1 expert at layer L{conc_layer}; click a row to open that sequence above (first 200 occurrences).")
+    picked = ui.table(hits, "tok_conc_table", ui.slug(page, "concordance"), height=260, select=True,
+                      n=f"n = {len(hits):,} occurrences of {needle!r}")
+    if picked:
+        target = int(hits.loc[picked[0], "seq_id"])
+        if st.session_state.get("_tok_conc_picked") != (needle, picked[0]):  # a new click: jump to it
+            st.session_state["_tok_conc_picked"] = (needle, picked[0])
+            st.session_state["moelens_seq"] = target
+            st.query_params["seq"] = str(target)
+            st.rerun()

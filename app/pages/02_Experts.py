@@ -36,18 +36,19 @@ if load is not None:
     if label is not None:
         load = load[load["label"] == label]
     c1, c2 = st.columns(2)
-    with c1:
-        ui.figure(viz.load_heatmap(load, "share", label=label, n_experts=page.n_experts), "exp_load", ui.slug(page, "load", scope))
+    top_pct = 100 * float(load[load["expert"] >= 0][["share", "gate_share"]].max().max()) if len(load) else None
+    with c1:  # one colour scale for the two views of the same routing
+        ui.figure(viz.load_heatmap(load, "share", label=label, n_experts=page.n_experts, zmax=top_pct), "exp_load",
+                  ui.slug(page, "load", scope))
     with c2:
-        ui.figure(
-            viz.load_heatmap(load, "gate_share", label=label, n_experts=page.n_experts), "exp_gate", ui.slug(page, "gate_load", scope)
-        )
+        ui.figure(viz.load_heatmap(load, "gate_share", label=label, n_experts=page.n_experts, zmax=top_pct), "exp_gate",
+                  ui.slug(page, "gate_load", scope))
     with st.expander("Load table"):
         ui.table(load, "exp_load_table", ui.slug(page, "expert_load", scope))
 
 # -- balance --------------------------------------------------------------------------------------------
 st.header("Balance and dead experts")
-bal = page.call("layer_balance")
+bal = page.call_on("layer_balance", label)
 if bal is not None:
     c1, c2 = st.columns([3, 2])
     with c1:
@@ -55,15 +56,16 @@ if bal is not None:
     with c2:
         st.markdown("**Per layer** (entropy in nats; max/mean = E · largest share)")
         ui.table(bal, "exp_balance_table", ui.slug(page, "layer_balance"))
-        if load is not None and label is None and "count" in load.columns:
+        if load is not None and "count" in load.columns:
             dead = load[(load["count"] == 0) & (load["expert"] >= 0)][["layer", "expert"]]
+            where = "in this run" if label is None else f"of the '{label}' tokens"
             if len(dead):
-                st.markdown(f"**Dead experts** ({len(dead)}): never in any token's top-k in this run")
+                st.markdown(f"**Dead experts** ({len(dead)}): never in the top-k of any token {where}")
                 ui.table(dead.assign(expert=dead["expert"].map(lambda e: f"E{e}")), "exp_dead", ui.slug(page, "dead"))
             else:
                 st.success("No dead experts: every expert was chosen at least once in every layer.")
 
-shared = page.call("shared_expert_stats", quiet=True)
+shared = page.call_on("shared_expert_stats", label) if label is not None else page.call("shared_expert_stats", quiet=True)
 if shared is not None and len(shared):
     st.markdown("**Shared experts** (always active; gate value per token)")
     ui.table(shared, "exp_shared", ui.slug(page, "shared"))
@@ -76,7 +78,7 @@ with c1:
     layer = ui.synced_select("Layer", ids, key="moelens_prof_layer", qp="layer", format_func=lambda v: f"L{v}") if ids else None
 n_exp = data.experts_of(db, page.stamp, page.run).get(layer, page.n_experts) if layer is not None else 0
 default_expert = 0
-if load is not None and layer is not None and label is None:
+if load is not None and layer is not None:
     lay = load[(load["layer"] == layer) & (load["expert"] >= 0)]
     if len(lay):
         default_expert = int(lay.loc[lay["share"].idxmax(), "expert"])
@@ -94,11 +96,13 @@ with c3:
 
 if layer is not None and expert is not None:
     st.markdown(
-        f"<span style='background:{viz.expert_color(expert)};padding:2px 8px;border-radius:4px;color:white'>"
+        f"<span style='background:{viz.expert_color(expert, layer)};padding:2px 8px;border-radius:4px;color:white'>"
         f"E{expert}</span> in layer L{layer}",
         unsafe_allow_html=True,
     )
-    top = page.call("expert_top_tokens", layer=int(layer), expert=int(expert), n=int(n_top), n_contexts=3)
+    if label is not None:
+        st.caption(f"Every section of this page shows the tokens of '{label}' only (the Tokens filter above).")
+    top = page.call_on("expert_top_tokens", label, layer=int(layer), expert=int(expert), n=int(n_top), n_contexts=3)
     c1, c2 = st.columns([3, 2])
     with c1:
         if top is not None:
@@ -117,7 +121,7 @@ if layer is not None and expert is not None:
                 ui.slug(page, "expert_labels", layer, expert),
                 column_config={"share of the label's tokens": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)},
             )
-        co = page.call("coactivation", quiet=True)
+        co = page.call_on("coactivation", label) if label is not None else page.call("coactivation", quiet=True)
         if co is not None and len(co):
             a = "expert_i" if "expert_i" in co.columns else co.columns[1]
             mine = co[(co["layer"] == layer) & (co[a] == expert)] if "layer" in co.columns else co[co[a] == expert]

@@ -20,10 +20,12 @@ page = ui.setup(
     icon="🔁",
 )
 
+ci = ui.ci_controls("cons")
 st.header("Consecutive-token repetition")
-rep = page.call("repetition")
+rep = page.call_ci("repetition", ci)
 if rep is not None:
-    ui.figure(viz.repetition_chart(rep), "cons_rep", ui.slug(page, "repetition"))
+    ui.figure(viz.repetition_chart(rep), "cons_rep", ui.slug(page, "repetition"),
+              n=f"n = {int(rep['n_pairs'].max()):,} consecutive pairs per layer" if "n_pairs" in rep.columns else None)
     with st.expander("Repetition table"):
         ui.table(rep, "cons_rep_table", ui.slug(page, "repetition"))
 
@@ -31,7 +33,7 @@ c1, c2 = st.columns(2)
 with c1:
     st.header("SRP")
     seg = st.multiselect("Segment lengths", [2, 4, 8, 16, 32, 64, 128, 256], default=[4, 16, 64, 256], key="cons_seg")
-    srp = page.call("srp", segment_lengths=sorted(seg) or [4]) if seg else None
+    srp = page.call_ci("srp", ci, segment_lengths=sorted(seg) or [4]) if seg else None
     if srp is not None:
         ui.figure(viz.srp_chart(srp), "cons_srp", ui.slug(page, "srp"))
         with st.expander("SRP table"):
@@ -39,7 +41,7 @@ with c1:
 with c2:
     st.header("SCH")
     look = st.select_slider("Lookahead (tokens)", [1, 2, 4, 8, 16, 64, 256], value=4, key="cons_look")
-    sch = page.call("sch", lookahead=[int(look)])
+    sch = page.call_ci("sch", ci, lookahead=[int(look)])
     if sch is not None:
         ui.figure(viz.sch_chart(sch, lookahead=int(look)), "cons_sch", ui.slug(page, "sch", look))
         with st.expander("SCH table"):

@@ -10,7 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from moelens import viz  # noqa: E402
-from workbench import ui  # noqa: E402
+from workbench import data, ui  # noqa: E402
+
+#: Fewer units per label than this and a committee (or any ranking over them) is an anecdote.
+MIN_UNITS = 5
 
 page = ui.setup(
     "Committee",
@@ -40,9 +43,18 @@ eci = c4.selectbox("Expert contribution index", ["minmax", "frequency", "expecte
                         "expected gate weight")
 
 com = page.call("standing_committee", presence_ratio=float(presence), list_length=int(list_length), unit=unit, eci=eci)
+seqs = data.sequences(str(page.db), page.stamp, page.run)
+units = (seqs.groupby("label")["seq_id"].size() if unit == "last_prompt_token"
+         else seqs.groupby("label")["n_tokens"].sum()).reindex(page.labels).fillna(0).astype(int)
+unit_name = "sequences (one last prompt token each)" if unit == "last_prompt_token" else "tokens"
+n_text = "n = " + ", ".join(f"{int(v):,} {unit_name.split(' ')[0]} of '{k}'" for k, v in units.items())
+if int(units.min()) < MIN_UNITS:
+    thin = [k for k, v in units.items() if v < MIN_UNITS]
+    st.warning(f"The committee rests on fewer than {MIN_UNITS} {unit_name} for {', '.join(map(repr, thin))}: "
+               "each such label's ranking is anecdotal. Record more sequences per label, or profile every token.")
 if com is not None:
-    ui.figure(viz.committee_chart(com), "com_chart", ui.slug(page, "committee"))
-    ui.table(com, "com_table", ui.slug(page, "standing_committee"))
+    ui.figure(viz.committee_chart(com), "com_chart", ui.slug(page, "committee"), n=n_text)
+    ui.table(com, "com_table", ui.slug(page, "standing_committee"), n=n_text)
     members = {int(r.layer): tuple(int(e) for e in r.committee) for r in com.itertuples()}
     share = page.call("committee_share", committee=members)
     if share is not None and len(share):

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from moelens import viz  # noqa: E402
-from workbench import data, ui  # noqa: E402
+from moelens.errors import MoelensError  # noqa: E402
+from workbench import data, queries, ui  # noqa: E402
 
 page = ui.setup(
     "Map",
@@ -29,11 +30,17 @@ if profile == "label" and not page.labels:
     profile = "token"
 
 key = ("expert_map", str(page.db), page.stamp, page.run, profile)
-if not data.was_computed(key):
-    st.info("The map is a UMAP layout; the first one in a session takes a while (UMAP compiles its kernels).")
+if not (data.was_computed(key) or queries.map_is_cached(str(page.db), "expert_map", page.run, profile=profile)):
+    st.info("The map is a UMAP layout; the first one takes a while (UMAP compiles its kernels), then it is kept on "
+            "disk for this run (moelens demo computes the demo's maps ahead).")
     if not st.button("Compute the map", key="map_go", type="primary"):
         st.stop()
-emap = page.call("expert_map", profile=profile)
+try:
+    with st.spinner("Computing the map …"):
+        emap = queries.umap_map(str(page.db), page.stamp, "expert_map", page.run, (("profile", profile),))
+except MoelensError as exc:
+    st.warning(str(exc))
+    emap = None
 if emap is not None:
     data.mark_computed(key)
     color_by = {"layer": "layer", "dominant label": "dominant_label", "expert": "expert"}[color]

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from moelens import viz  # noqa: E402
-from workbench import data, ui  # noqa: E402
+from workbench import compare_support, data, ui  # noqa: E402
 
 page = ui.setup(
     "Compare",
@@ -29,6 +29,13 @@ if a == b:
     st.stop()
 
 ia, ib = page.info, page.info_b or {}
+ea, eb = ia.get("n_experts"), ib.get("n_experts")
+if ea and eb and int(ea) != int(eb):
+    st.warning(f"Run #{a} has {int(ea)} experts per layer and run #{b} has {int(eb)}: expert E3 of one is not E3 of "
+               "the other, so agreement between them means nothing. Pick two runs of the same model.")
+    if not st.checkbox("Show their tokens side by side anyway (no agreement scores)", key="cmp_any_experts"):
+        st.stop()
+same_experts = not (ea and eb and int(ea) != int(eb))
 c1, c2 = st.columns(2)
 c1.markdown(f"**A** · #{a} · {ia.get('name') or ia.get('model')}  \n{ui.run_summary(ia)}")
 c2.markdown(f"**B** · #{b} · {ib.get('name') or ib.get('model')}  \n{ui.run_summary(ib)}")
@@ -36,7 +43,7 @@ spec = ib.get("intervention") if ib.get("parent_run_id") == a else ia.get("inter
 if spec:
     st.caption(f"Intervention: `{ui.spec_text(spec)}`")
 
-agree = page.call_pair("run_agreement", a, b)
+agree = page.call_pair("run_agreement", a, b) if same_experts else None
 if agree is not None:
     ui.figure(viz.agreement_chart(agree), "cmp_agree", f"moelens_run{a}_vs_run{b}_agreement")
     with st.expander("Agreement table"):
@@ -48,7 +55,7 @@ key = ("sequence_agreement", db, stamp, a, b)
 score = False
 if agree is not None and len(agree):
     score = st.toggle(
-        "Score every sequence and token (run_agreement per sequence; takes a few seconds on a large run)",
+        "Rank the sequences by how much their routing changed (run_agreement per sequence; a few seconds on a large run)",
         value=data.was_computed(key), key="cmp_score",
     )
 if score:
@@ -58,7 +65,6 @@ if score:
         data.mark_computed(key)
     except Exception as exc:  # noqa: BLE001
         ui.show_error("Per-sequence agreement failed", exc)
-changes = page.call_pair("token_agreement", a, b) if data.analysis_available("token_agreement") else None
 seqs_a = data.sequences(db, stamp, a)
 seqs_b = data.sequences(db, stamp, b)
 common = sorted(set(seqs_a["seq_id"]) & set(seqs_b["seq_id"]))
@@ -69,13 +75,19 @@ labels_a = seqs_a.set_index("seq_id")["label"]
 texts_a = seqs_a.set_index("seq_id")["text"].fillna("")
 worst = None
 if per_seq is not None and len(per_seq):
+    min_len = st.number_input("Rank only sequences of at least this many tokens", 1, 100_000, 16, key="cmp_min_len",
+                              help="A 3-token sequence that changed one token reads as 67% changed: too few tokens "
+                                   "to rank by.")
     worst = (per_seq.groupby("seq_id", as_index=False)
              .agg(tokens=("n_tokens", "max"), lowest_topk_overlap=("topk_overlap", "min"),
                   lowest_top1_agreement=("top1_agreement", "min"))
              .sort_values(["lowest_topk_overlap", "seq_id"]))
+    short = int((worst["tokens"] < min_len).sum())
+    worst = worst[worst["tokens"] >= min_len]
     worst.insert(1, "label", worst["seq_id"].map(labels_a))
     worst.insert(2, "text", worst["seq_id"].map(texts_a.str.slice(0, 80)))
-    st.caption("Each sequence scored on its own with run_agreement; sorted by its least-agreeing layer.")
+    st.caption(f"Each sequence scored on its own with run_agreement; sorted by its least-agreeing layer. "
+               f"n = {len(worst)} sequences ({short} shorter than {min_len} tokens left out).")
     shown_worst = worst.head(200).reset_index(drop=True)
     picked = ui.table(shown_worst, "cmp_worst", f"moelens_run{a}_vs_run{b}_per_sequence", height=260, select=True,
                       column_config={"lowest_topk_overlap": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
@@ -100,16 +112,10 @@ with c2:
 ta, ra = data.sequence_tokens(db, stamp, a, int(seq))
 tb, rb = data.sequence_tokens(db, stamp, b, int(seq))
 highlight: set[int] = set()
-if changes is not None and len(changes) and {"seq_id", "pos"} <= set(changes.columns):
-    sub = changes[changes["seq_id"] == seq]
-    if "layer" in sub.columns and layer is not None:
-        sub = sub[sub["layer"] == layer]
-    highlight = {int(p) for p in sub["pos"]}
-elif score and agree is not None and len(agree) and layer is not None:
-    per_tok = data.token_agreement_in_sequence(db, stamp, a, b, int(seq))
-    moved = per_tok[(per_tok["layer"] == layer) & (per_tok["topk_overlap"] < 1)]
-    highlight = {int(p) for p in moved["pos"]}
-    st.caption(f"{len(highlight)} of {per_tok['pos'].nunique()} aligned tokens changed their expert set at layer L{layer}.")
+if layer is not None and same_experts:
+    highlight = compare_support.changed_expert_sets(ra, rb, layer)
+    st.caption(f"{len(highlight)} of n = {ta['pos'].nunique()} tokens in sequence #{seq} changed their expert set "
+               f"at layer L{layer}.")
 # Text differences (generated continuations) are always outlined.
 merged = ta[["pos", "token"]].merge(tb[["pos", "token"]], on="pos", how="outer", suffixes=("_a", "_b"))
 highlight |= {int(p) for p in merged.loc[merged["token_a"].fillna("\0") != merged["token_b"].fillna("\0"), "pos"]}

@@ -1,5 +1,6 @@
-"""The Steer page's model side: load a model once per process, read its MoE layout, and run a steering
-experiment (baseline vs steered, optional random controls) that records both generations as runs.
+"""The Steer page's model side: load a model once per process, read its MoE layout, run a steering
+experiment (baseline vs steered, optional random controls) in a scratch store, or — on request — into the
+trace store, and pick a labelled dataset from the store to measure a spec on.
 
 torch is imported only inside `load` / `run_pair` (when a model is loaded); `moelens.steering`'s spec
 classes are plain data.
@@ -16,6 +17,14 @@ import pandas as pd
 import streamlit as st
 
 from moelens.store import TraceStore
+from workbench.steer_effects import MIN_CONTROLS
+
+#: The Steer page's defaults for the bundled demo model: its greedy continuation of this prompt changes
+#: visibly with these experts of its first MoE layer disabled.
+DEFAULT_PROMPT = "The capital of France is"
+DEMO_DISABLE = ((0, 0), (0, 1), (0, 2), (0, 3))
+#: Session-state keys of results that belong to one intervention (cleared when it stops being valid).
+RESULT_KEYS = ("steer_result", "steer_positions", "steer_dataset", "steer_dose")
 
 
 def available() -> bool:
@@ -121,11 +130,12 @@ def run_pair(
     max_new_tokens: int = 32,
     label: str | None = None,
     n_random: int = 0,
-    save: bool = True,
+    save: bool = False,
 ) -> dict[str, Any]:
     """`moelens.steering.run_experiment` on one prompt: greedy continuation without and with ``spec`` (and
-    ``n_random`` random controls of the same shape), recorded as runs — into ``db`` with ``save``, else into a
-    temporary store. Returns the two runs' tokens and routing, their ids and the experiment's tables."""
+    ``n_random`` random controls of the same shape), recorded as runs into a scratch store, or into ``db`` with
+    ``save``. Returns the two runs' tokens and routing, their ids (with ``save``), the experiment's tables and
+    the request, so the same experiment can be saved later."""
     from moelens.steering import run_experiment
 
     store = TraceStore(db) if save else TraceStore(Path(tempfile.mkdtemp(prefix="moelens-steer-")) / "steer.duckdb")
@@ -133,6 +143,7 @@ def run_pair(
         model, tok, spec, [prompt], store=store, labels=[label], n_random=int(n_random), generate=int(max_new_tokens),
         name=spec.describe(),
     )  # fmt: skip
+    request = {"prompt": prompt, "max_new_tokens": int(max_new_tokens), "label": label, "n_random": int(n_random)}
     return {
         "baseline": _sequence(store, res.baseline_run),
         "steered": _sequence(store, res.steered_run),
@@ -140,10 +151,81 @@ def run_pair(
         "db": str(store.path),
         "spec": spec.to_dict(),
         "describe": spec.describe(),
+        "request": request,
+        "generated": str(res.generations["baseline"].iloc[0]) if res.generations is not None else "",
         "loss": res.loss,
         "routing": res.routing,
         "control": res.control if n_random else None,
     }
+
+
+def spec_of(result: dict[str, Any]) -> Any:
+    """The `SteeringSpec` a `run_pair` result was computed with."""
+    from moelens.steering import SteeringSpec
+
+    return SteeringSpec.from_dict(result["spec"])
+
+
+def warn_few_controls(df: pd.DataFrame) -> None:
+    """A z-score (or permutation p-value) over fewer than `MIN_CONTROLS` random controls is too coarse to read."""
+    if "n_random" in df.columns and len(df) and int(df["n_random"].min()) < MIN_CONTROLS:
+        n = int(df["n_random"].min())
+        st.warning(f"Only {n} random control{'s' if n != 1 else ''}: z and p rest on too few to read (p can be no "
+                   f"smaller than 1/{n + 1}); use at least {MIN_CONTROLS}.")
+
+
+def dataset_picker(db: str | Path) -> tuple[list[str], list[str | None], str] | None:
+    """Widgets to pick a labelled dataset from the store's runs: a run, its labels, sequences per label.
+    Returns ``(texts, labels, description)``, or None (with a note) when the store holds no labelled run."""
+    try:
+        store = TraceStore(db, read_only=True, lock_timeout=2)
+        runs = store.runs("complete")
+    except Exception:  # noqa: BLE001 - a missing store: no dataset to offer
+        runs = pd.DataFrame()
+    labelled = runs[runs["labels"].notna()] if len(runs) else runs
+    if labelled.empty:
+        st.caption("The store holds no complete run with labelled sequences to measure on.")
+        return None
+    c1, c2, c3 = st.columns([2, 2, 1])
+    ids = [int(v) for v in labelled["run_id"]]
+    names = {int(r["run_id"]): f"#{int(r['run_id'])} · {r['name'] or r['model']}" for _, r in labelled.iterrows()}
+    run = c1.selectbox("Dataset: the texts of run", ids, index=len(ids) - 1, key="steer_ds_run", format_func=names.get)
+    seqs = store.query("SELECT seq_id, label, text FROM sequences WHERE run_id = ? AND label IS NOT NULL AND text IS "
+                       "NOT NULL ORDER BY seq_id", [run])
+    all_labels = sorted(seqs["label"].unique())
+    chosen = c2.multiselect("Labels", all_labels, default=all_labels[:4], key="steer_ds_labels")
+    per = c3.number_input("Sequences per label", 1, 64, 4, key="steer_ds_per")
+    pick = seqs[seqs["label"].isin(chosen)].groupby("label", sort=True).head(int(per))
+    if pick.empty:
+        st.caption("Choose at least one label.")
+        return None
+    return list(pick["text"]), list(pick["label"]), f"run #{run}, {len(chosen)} labels"
+
+
+def dataset_effect(model: Any, tok: Any, texts: list[str], labels: list[str | None], spec: Any, *,
+                   n_random: int = MIN_CONTROLS, seq_len: int = 128) -> pd.DataFrame:
+    """`run_experiment` over a labelled dataset (nothing recorded): its per-label summary against the controls."""
+    from moelens.steering import run_experiment
+
+    return run_experiment(model, tok, spec, texts, labels=labels, n_random=n_random, seq_len=seq_len).summary()
+
+
+def dose_kinds(spec: Any) -> dict[str, str]:
+    """The strengths a dose–response can vary for ``spec``: ``{"boost": ..., "gate": ...}`` where it has them."""
+    kinds = {}
+    if spec is not None and spec.boost:
+        kinds["boost"] = f"boost offset ({spec.boost_unit})"
+    if spec is not None and spec.gate_scale:
+        kinds["gate"] = "gate-scale β"
+    return kinds
+
+
+def parse_grid(text: str) -> list[float]:
+    """``"0, 1, 2.5"`` → ``[0.0, 1.0, 2.5]`` (sorted, unique); ``[]`` when any item is not a number."""
+    try:
+        return sorted({float(v) for v in text.replace(";", ",").split(",") if v.strip()})
+    except ValueError:
+        return []
 
 
 def changed_positions(a: pd.DataFrame, b: pd.DataFrame) -> set[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -21,13 +22,15 @@ import pandas as pd
 import streamlit as st
 
 from moelens.errors import MoelensError
-from moelens.viz import figure_html, finding_of
+from moelens.viz import figure_html, finding_of, with_finding
 from workbench import data
 
 DEFAULT_DB = Path("traces") / "moelens.duckdb"
 RUN_KEY = "moelens_run"
 RUN_B_KEY = "moelens_run_b"
 DB_KEY = "moelens_db"
+#: The sample size every figure and table of the page states unless it names its own ("n = ... tokens ...").
+N_KEY = "_moelens_n"
 
 STATUS_TEXT = {
     "complete": "complete",
@@ -119,33 +122,62 @@ class Page:
     def call(self, name: str, *, run: int | None = None, quiet: bool = False, **params: Any) -> Any:
         """Run an analysis for this page's run; on a missing function or a user-facing error show why
         and return None. Unexpected errors are shown with their traceback (and returned as None)."""
-        try:
-            with st.spinner(f"Computing {name} …"):
-                return data.analysis(str(self.db), name, self.run if run is None else run, **params)
-        except data.AnalysisUnavailable as exc:
-            if not quiet:
-                st.info(f"This view needs `moelens.analysis.{name}`: {exc}.")
-            return None
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001 - show, don't crash the whole page
-            show_error(f"{name} failed", exc)
-            return None
+        return guarded(name, f"Computing {name} …", lambda: data.analysis(str(self.db), name, self.run if run is None else run,
+                                                                          **params), quiet=quiet)
+
+    def call_on(self, name: str, label: str | None, **params: Any) -> Any:
+        """`call` over the tokens of one label only (``label=None``: every token)."""
+        if label is None:
+            return self.call(name, **params)
+        from workbench import queries
+
+        return guarded(name, f"Computing {name} for label {label!r} …",
+                       lambda: queries.on_label(str(self.db), self.stamp, name, self.run, label, queries._freeze(params)))
+
+    def call_ci(self, name: str, ci: dict[str, int] | None, **params: Any) -> Any:
+        """`call`, with a bootstrap interval over sequences (``<value>_lo/_hi`` columns) when ``ci`` is set
+        (``{"n_boot": ..., "seed": ...}`` from `ci_controls`)."""
+        if ci is None:
+            return self.call(name, **params)
+        from workbench import queries
+
+        return guarded(name, f"Bootstrapping {name} over sequences ({ci['n_boot']} resamples) …",
+                       lambda: queries.bootstrap(str(self.db), self.stamp, name, self.run, ci["n_boot"], ci["seed"], **params))
 
     def call_pair(self, name: str, run_a: int, run_b: int, **params: Any) -> Any:
-        try:
-            with st.spinner(f"Computing {name} …"):
-                return data.analysis_pair(str(self.db), name, run_a, run_b, **params)
-        except data.AnalysisUnavailable as exc:
+        return guarded(name, f"Computing {name} …", lambda: data.analysis_pair(str(self.db), name, run_a, run_b, **params))
+
+
+def guarded(name: str, spinner: str, compute: Any, *, quiet: bool = False) -> Any:
+    """``compute()`` under a spinner; a missing analysis is an info box (unless ``quiet``), a user-facing error a
+    warning, anything else an error with its traceback: the page goes on, the result is None."""
+    try:
+        with st.spinner(spinner):
+            return compute()
+    except data.AnalysisUnavailable as exc:
+        if not quiet:
             st.info(f"This view needs `moelens.analysis.{name}`: {exc}.")
-            return None
-        except MoelensError as exc:
-            st.warning(str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001
-            show_error(f"{name} failed", exc)
-            return None
+        return None
+    except MoelensError as exc:
+        st.warning(str(exc))
+        return None
+    except Exception as exc:  # noqa: BLE001 - show, don't crash the whole page
+        show_error(f"{name} failed", exc)
+        return None
+
+
+def ci_controls(key: str, container: Any = None) -> dict[str, int] | None:
+    """A toggle for 95% bootstrap intervals over sequences, with its resample count and seed shown;
+    ``{"n_boot", "seed"}`` when on, else None."""
+    box = container if container is not None else st
+    if not box.toggle("95% bootstrap intervals (resampling sequences)", key=f"{key}_ci",
+                      help="Percentile intervals over resamples of whole sequences, seeded; recomputes the score "
+                           "once per resample."):
+        return None
+    c1, c2 = box.columns(2)
+    n_boot = c1.number_input("n_boot (resamples)", 20, 2000, 200, step=20, key=f"{key}_nboot")
+    seed = c2.number_input("seed", 0, 2**31 - 1, 0, key=f"{key}_seed")
+    return {"n_boot": int(n_boot), "seed": int(seed)}
 
 
 def show_error(what: str, exc: BaseException) -> None:
@@ -180,6 +212,11 @@ def synced_select(
                 wanted = None
             if wanted in options:
                 st.session_state[key] = wanted
+            else:  # a bad deep link: say so rather than silently open something else
+                if st.session_state.get(key) not in options:
+                    st.session_state[key] = default if default in options else options[0]
+                st.warning(f"The link asks for {label.lower()} {raw!r} (?{qp}={raw}), which is not here; showing "
+                           f"{format_func(st.session_state[key])} instead.")
     if st.session_state.get(key) not in options:
         st.session_state[key] = default if default in options else options[0]
     widget = f"_w_{key}"
@@ -206,27 +243,37 @@ def _pick_run(runs: pd.DataFrame, key: str, qp: str, label: str, default: int | 
     return int(value)
 
 
+def _plain_complete(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[(runs["status"] == "complete") & runs["parent_run_id"].isna()]
+
+
 def default_run(runs: pd.DataFrame) -> int | None:
-    """The newest complete run that is not steered, else the newest complete run, else the newest run."""
+    """The largest complete run that is not steered (the newest of equal size), else the newest complete run,
+    else the newest run: a steering experiment's short baseline or controls never take over every page."""
+    plain = _plain_complete(runs)
+    if len(plain):
+        biggest = plain[plain["n_tokens"] == plain["n_tokens"].max()]
+        return int(biggest["run_id"].iloc[-1])
     done = runs[runs["status"] == "complete"]
-    if len(done):
-        plain = done[done["parent_run_id"].isna()]
-        return int((plain if len(plain) else done)["run_id"].iloc[-1])
-    return int(runs["run_id"].iloc[-1]) if len(runs) else None
+    pool = done if len(done) else runs
+    return int(pool["run_id"].iloc[-1]) if len(pool) else None
 
 
 def default_pair(runs: pd.DataFrame, run: int) -> int | None:
-    """A run to compare ``run`` with: its child (steered) run, its parent, or another run of the same tokens."""
+    """A run to compare ``run`` with: the steered run of its experiment (not a random control), its parent (the
+    baseline), or another complete run of the same tokens and expert count."""
     others = runs[runs["run_id"] != run]
     if others.empty:
         return None
     kids = others[others["parent_run_id"] == run]
     if len(kids):
-        return int(kids["run_id"].iloc[-1])
+        steered = kids[kids["name"].fillna("").str.startswith("steered")]
+        return int((steered if len(steered) else kids)["run_id"].iloc[-1])
     row = runs[runs["run_id"] == run].iloc[0]
     if pd.notna(row.get("parent_run_id")) and int(row["parent_run_id"]) in set(others["run_id"]):
         return int(row["parent_run_id"])
-    same = others[(others["n_tokens"] == row["n_tokens"]) & (others["status"] == "complete")]
+    same = others[(others["n_tokens"] == row["n_tokens"]) & (others["n_experts"] == row["n_experts"])
+                  & (others["status"] == "complete")]
     if len(same):
         return int(same["run_id"].iloc[0])
     return int(others["run_id"].iloc[-1])
@@ -273,6 +320,8 @@ def setup(title: str, purpose: str, *, icon: str = "🔬", second_run: bool = Fa
         )
         st.warning(f"Run #{run} {msg}")
     st.sidebar.caption(run_summary(info))
+    row = runs[runs["run_id"] == run].iloc[0]
+    st.session_state[N_KEY] = f"n = {int(row['n_tokens']):,} tokens in {int(row['n_sequences']):,} sequences of run #{run}"
     return Page(db=db, runs=runs, run=run, info=info, run_b=run_b, info_b=info_b)
 
 
@@ -317,21 +366,29 @@ def md_escape(text: str) -> str:
     return "\\" + text if text[:1] in ("#", "-", "+") else text
 
 
-def figure(fig, key: str, filename: str, *, select: bool = False) -> list[dict]:
-    """A plotly figure with its finding as a line of text above it (wraps at any width), the modebar's PNG
-    export and an HTML download (self-contained; built on click, with the finding under the title).
+def sample_size(n: str | None = None) -> str:
+    """What a figure or table rests on: ``n`` when given, else the page's run (tokens and sequences)."""
+    return n or st.session_state.get(N_KEY, "")
+
+
+def figure(fig, key: str, filename: str, *, select: bool = False, n: str | None = None) -> list[dict]:
+    """A plotly figure with its finding and sample size (``n = ...``) as a line of text above it (wraps at
+    any width), the modebar's PNG export and an HTML download (self-contained; built on click, with the
+    finding and n under the title).
 
     With ``select`` a click on a bar/point reruns the page and the clicked points are returned (drill-downs).
     """
     import plotly.graph_objects as go
 
-    finding = finding_of(fig)
+    size = sample_size(n)
+    finding = " ".join(t for t in (finding_of(fig), f"({size})" if size else "") if t)
     if finding:
         st.markdown(f":material/lightbulb: {md_escape(finding)}")
+        fig = with_finding(fig, finding)
     shown = go.Figure(fig)
     meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
     shown.update_layout(title_subtitle_text="", margin_t=50 + int(meta.get("extra_top", 0)))
-    config = {"displaylogo": False, "toImageButtonOptions": {"filename": filename, "scale": 2}}
+    config = {"displaylogo": False, "toImageButtonOptions": {"filename": safe_name(filename), "scale": 2}}
     event = None
     if select:
         event = st.plotly_chart(shown, key=key, config=config, on_select="rerun", selection_mode="points")
@@ -340,7 +397,7 @@ def figure(fig, key: str, filename: str, *, select: bool = False) -> list[dict]:
     st.download_button(
         "Download figure (HTML)",
         data=lambda: figure_html(fig),
-        file_name=f"{filename}.html",
+        file_name=f"{safe_name(filename)}.html",
         mime="text/html",
         key=f"{key}_html",
         icon=":material/download:",
@@ -367,10 +424,13 @@ def table(
     height: int | str = "auto",
     column_config: dict | None = None,
     select: bool = False,
+    n: str | None = None,
 ) -> list[int]:
-    """A table with a CSV download of exactly what is shown. With ``select`` a click on a row reruns the page
-    and the selected row positions are returned (drill-downs)."""
+    """A table with its sample size (``n = ...``) and a CSV download of exactly what is shown. With ``select``
+    a click on a row reruns the page and the selected row positions are returned (drill-downs)."""
     rows: list[int] = []
+    size = sample_size(n)
+    st.caption(f"{len(df):,} rows" + (f" · {size}" if size else ""))
     if select:
         event = st.dataframe(df, hide_index=True, key=key, height=height, column_config=column_config,
                              on_select="rerun", selection_mode="single-row")
@@ -383,7 +443,7 @@ def table(
     st.download_button(
         "Download table (CSV)",
         data=lambda: df.to_csv(index=False).encode("utf-8"),
-        file_name=f"{filename}.csv",
+        file_name=f"{safe_name(filename)}.csv",
         mime="text/csv",
         key=f"{key}_csv",
         icon=":material/download:",
@@ -401,4 +461,11 @@ def layer_select(page: Page, key: str, label: str = "Layer", default: int | None
 
 
 def slug(page: Page, *parts: Any) -> str:
-    return "_".join(["moelens", f"run{page.run}", *[str(p) for p in parts]])
+    """A download's file name: ``moelens_run3_<parts>``, with anything but letters, digits, ``.``, ``-`` and ``_``
+    (spaces, slashes, quotes in labels or token texts) turned into ``-``."""
+    return safe_name("_".join(["moelens", f"run{page.run}", *[str(p) for p in parts]]))
+
+
+def safe_name(name: str) -> str:
+    """``name`` usable as a file name everywhere: runs of other characters than ``[A-Za-z0-9._-]`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "moelens"

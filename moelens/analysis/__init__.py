@@ -3,7 +3,7 @@
 Every score is ``score(source, run=None, **params) -> pandas.DataFrame`` where ``source`` is a
 `TraceStore` (with ``run`` = run id) or a `RoutingData`; results are tidy (long) tables whose
 ``df.attrs["params"]`` names the score, run, phase and parameters. Definitions, edge cases and references:
-``/work/shared/reference/metrics.md`` (cited per function). `SCORES` / `run_score` list and run them by
+each function's docstring, which cites its paper (arXiv id) and reference code. `SCORES` / `run_score` list and run them by
 name. No torch, transformers or streamlit here; umap and numba are imported only by the functions that
 need them.
 """
@@ -22,6 +22,7 @@ from moelens.analysis.npmi import npmi, npmi_combined
 from moelens.analysis.registry import SCORES, ParamSpec, ScoreSpec, run_score
 from moelens.analysis.repetition import repetition
 from moelens.analysis.risk import risk_difference
+from moelens.analysis.router_stats import router_stats, router_token_stats
 from moelens.analysis.sch import sch
 from moelens.analysis.srp import srp
 from moelens.analysis.synthetic import synthetic, write_run
@@ -60,6 +61,8 @@ __all__ = [
     "npmi_combined",
     "repetition",
     "risk_difference",
+    "router_stats",
+    "router_token_stats",
     "run_agreement",
     "run_score",
     "sch",

@@ -15,7 +15,7 @@ from moelens.store import TraceStore
 #: What every score may be given: a trace store plus a run id, or routing already in memory.
 Source = Union[TraceStore, RoutingData]
 
-#: Stated in every result: how slots without an expert are treated (metrics.md §0).
+#: Stated in every result: how slots without an expert are treated.
 NOT_ROUTED = "capacity-dropped (-1) and weight-0 slots select nothing; their tokens still count in token totals"
 
 
@@ -73,7 +73,7 @@ def group_expert_counts(
 
 
 def consecutive_pairs(data: RoutingData) -> np.ndarray:
-    """Indices t of the consecutive token pairs (t, t+1) inside one sequence (metrics.md §6: never across
+    """Indices t of the consecutive token pairs (t, t+1) inside one sequence (never across
     sequences; with all phases pooled the prompt→generation pair is included)."""
     return np.flatnonzero(data.next_is_consecutive)
 

@@ -92,7 +92,7 @@ def scatter_routing(
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:
-    """SRP window counts (metrics.md §7.1) as a histogram ``hist[g, e, c]`` = number of stride-1 windows of
+    """SRP window counts as a histogram ``hist[g, e, c]`` = number of stride-1 windows of
     m tokens (inside one segment of group g) in which expert e is routed c times.
 
     Instead of materialising every window × expert count (O(T·E)), each expert's count is tracked while the
@@ -139,7 +139,7 @@ def stack_hits(
     access: np.ndarray, begin: np.ndarray, end: np.ndarray, n_experts: int, m: int, lookahead: bool
 ) -> tuple[np.ndarray, int]:
     """Hit-rate curves of an expert cache for every size C = 1..E at once (Mattson priority stack,
-    metrics.md §8.1-8.2, as the moe-lrc ``calc_fsf``/``calc_lru`` conventions).
+    as the moe-lrc ``calc_fsf``/``calc_lru`` conventions).
 
     ``access`` is ``[T, A]`` expert ids in access order (rank order; -1 skipped); segment s spans tokens
     ``[begin[s], end[s])``. With ``lookahead`` the priority is (uses in the next m tokens, recency) — SCH;

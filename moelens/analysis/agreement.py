@@ -1,4 +1,4 @@
-"""Run-vs-run routing agreement — OLMoE router saturation generalised (metrics.md §4, toy §15.10).
+"""Run-vs-run routing agreement — OLMoE router saturation generalised.
 
 The same formula compares a checkpoint with the final model (saturation), a steered run with its baseline,
 bf16 with fp32, or two seeds. Tokens are aligned by (seq_id, pos) and must carry the same token id; per
@@ -31,7 +31,7 @@ def run_agreement(
     tokens with a first choice in both), ``topk_overlap`` = mean |S_a ∩ S_b| / min(k_a, k_b) (weight-0 and
     dropped slots excluded from both sets; divided by the smaller k if they differ) and the uniform
     ``baseline`` k/E. Call as ``run_agreement(store, run_a, run_b)``, ``run_agreement(store_a, run_a,
-    store_b, run_b)`` or ``run_agreement(data_a, None, data_b)``. OLMoE ``do_ckpt_analysis``; metrics.md §4.
+    store_b, run_b)`` or ``run_agreement(data_a, None, data_b)``. OLMoE ``do_ckpt_analysis``.
     """
     if isinstance(source_b, (int, np.integer)) and run_b is None:
         source_b, run_b = source_a, int(source_b)  # run_agreement(store, run_a, run_b)
@@ -66,7 +66,7 @@ def run_agreement(
         run_b=None if b.origin is None else b.origin.run_id,
         k_note="divided by min(k_a, k_b) when the runs' k differ",
         alignment="same (seq_id, pos) and token id, shared prefix of each sequence",
-        reference="OLMoE (arXiv 2409.02060) §5 router saturation, scripts/run_moe_analysis.py do_ckpt_analysis; metrics.md §4",
+        reference="OLMoE (arXiv 2409.02060) §5 router saturation, scripts/run_moe_analysis.py do_ckpt_analysis",
     )  # fmt: skip
 
 

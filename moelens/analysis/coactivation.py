@@ -1,4 +1,4 @@
-"""Expert co-activation within a layer (metrics.md §5, toy §15.5).
+"""Expert co-activation within a layer.
 
 Why two variants: the definition counts all C(k, 2) pairs of a token's experts; OLMoE's figure code walks
 the rank-ordered list with ``pairwise`` and so counts only rank-adjacent pairs. They agree for k = 2 and
@@ -43,7 +43,7 @@ def coactivation(source: Source, run: int | None = None, *, phase: str | None = 
     """Per layer and ordered pair i ≠ j: ``n_i`` tokens with i in the top-k, ``n_ij`` co-occurrences,
     ``p_j_given_i`` = n_ij / n_i (asymmetric), ``jaccard`` = n_ij / (n_i + n_j − n_ij), expert–expert
     ``npmi`` (§10.4) and the uniform ``baseline`` (k−1)/(E−1). ``variant='adjacent'`` reproduces OLMoE's
-    ``do_coactivation_analysis`` (rank-adjacent pairs only). metrics.md §5."""
+    ``do_coactivation_analysis`` (rank-adjacent pairs only)."""
     data = resolve(source, run, phase=phase)
     frames = []
     for li, layer in enumerate(data.layer_ids):
@@ -71,5 +71,5 @@ def coactivation(source: Source, run: int | None = None, *, phase: str | None = 
     df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
     return result(
         df, data, "coactivation", variant=variant, variant_label=VARIANTS.get(variant),
-        reference="OLMoE (arXiv 2409.02060) §5 / scripts/run_moe_analysis.py do_coactivation_analysis; metrics.md §5",
+        reference="OLMoE (arXiv 2409.02060) §5 / scripts/run_moe_analysis.py do_coactivation_analysis",
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Standing Committee — COMMITTEEAUDIT (Wang et al., arXiv 2601.03425; metrics.md §9, fixtures §9.4).
+"""Standing Committee — COMMITTEEAUDIT (Wang et al., arXiv 2601.03425).
 
 The question: is there a small set of experts per layer that every domain relies on (a "standing
 committee"), rather than domain specialists? Stage I ranks experts per (domain, layer) by an Expert
@@ -26,7 +26,7 @@ from moelens.errors import InputError
 
 ECI_VARIANTS = ("minmax", "frequency", "expected")
 UNITS = ("last_prompt_token", "token")
-_REFERENCE = "CommitteeAudit (arXiv 2601.03425) get_frequency_and_weight_data.py, Audit_Committee.py; metrics.md §9"
+_REFERENCE = "CommitteeAudit (arXiv 2601.03425) get_frequency_and_weight_data.py, Audit_Committee.py"
 
 
 def contribution_index(experts: np.ndarray, weights: np.ndarray, n_experts: int, variant: str = "minmax") -> np.ndarray:

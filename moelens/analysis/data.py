@@ -4,7 +4,7 @@ Why dense: the routing table is long (tokens × layers × k rows); every score i
 tokens, so a `[layer, token, rank]` array of expert ids lets each one be a handful of vectorised numpy calls
 (bincount on combined keys, cumulative sums) instead of SQL group-bys or Python loops over rows.
 
-Conventions (metrics.md §0):
+Conventions:
 
 * tokens are sorted by ``(seq_id, pos)``; the unit of every score is ``(layer, expert)`` with the model's own
   layer ids;

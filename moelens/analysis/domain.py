@@ -1,4 +1,4 @@
-"""Domain specialization (OLMoE §5, metrics.md §2) and the per-layer "is the routing meaningful?" summary
+"""Domain specialization (OLMoE §5) and the per-layer "is the routing meaningful?" summary
 (demo-model.md).
 
 Why a summary beside the per-expert table: max specialization alone overlaps between random-init and
@@ -24,7 +24,7 @@ def domain_specialization(
     expert in their top-k (rank 0 only with ``top1``), against ``baseline`` k/E (1/E), ``lift`` =
     spec/baseline, and ``log2_ratio`` = log2 of the label's load share over the overall load share (all
     tokens), both smoothed with ``pseudocount`` per expert (moe-vis style). OLMoE
-    ``scripts/run_routing_analysis.py``; metrics.md §2, toy §15.6. Unlabelled tokens count only in the
+    ``scripts/run_routing_analysis.py``. Unlabelled tokens count only in the
     overall load.
     """
     data = resolve(source, run, phase=phase)
@@ -61,7 +61,7 @@ def domain_specialization(
     df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
     return result(
         df, data, "domain_specialization", top1=top1, pseudocount=pseudocount,
-        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_routing_analysis.py; metrics.md §2",
+        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_routing_analysis.py",
     )  # fmt: skip
 
 
@@ -106,7 +106,7 @@ def domain_summary(source: Source, run: int | None = None, *, phase: str | None 
                     "sum_sq_top1": float(((q / q.sum()) ** 2).sum()) if q.sum() else np.nan,
                 }
             )
-    return result(pd.DataFrame(rows), data, "domain_summary", reference="demo-model.md 'Is the routing meaningful?'; metrics.md §2, §6")
+    return result(pd.DataFrame(rows), data, "domain_summary", reference="[moelens] is the routing meaningful: MI, JS divergence, purity over labels (OLMoE arXiv 2409.02060 §5)")
 
 
 def _mi_ratio(joint_counts: np.ndarray) -> float:

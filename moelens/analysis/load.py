@@ -1,4 +1,4 @@
-"""Expert load, balance and shared-expert gates (metrics.md §1).
+"""Expert load, balance and shared-expert gates.
 
 Load is the first thing to look at and the easiest to get wrong: counts are never capped (a capped counter
 reads as perfect balance, peers.md §4), the mean in max/mean runs over all E experts (dead ones included),
@@ -16,7 +16,7 @@ from moelens.analysis._common import Source, entropy, group_expert_counts, resol
 def expert_load(source: Source, run: int | None = None, *, phase: str | None = None, by_label: bool = False) -> pd.DataFrame:
     """Per (layer, expert) [, label]: ``count`` of routed slots n_e, ``activation_rate`` n_e/|U| (sums to k
     over experts when every token has k routed slots), ``share`` n_e/Σn, ``gate_mass`` Σ gate weight and
-    ``gate_share`` (metrics.md §1). With ``by_label`` U is each label's tokens (unlabelled tokens form the
+    ``gate_share``. With ``by_label`` U is each label's tokens (unlabelled tokens form the
     label None). Rates over an empty token set are NaN.
     """
     data = resolve(source, run, phase=phase)
@@ -52,13 +52,13 @@ def expert_load(source: Source, run: int | None = None, *, phase: str | None = N
     df = pd.concat(frames) if frames else pd.DataFrame(columns=["layer", "expert", "label", "count"])
     if not by_label:
         df = df.drop(columns="label")
-    return result(df, data, "expert_load", by_label=by_label, reference="metrics.md §1")
+    return result(df, data, "expert_load", by_label=by_label, reference="Switch Transformer (arXiv 2101.03961) load balance; OLMoE (arXiv 2409.02060) §5")
 
 
 def layer_balance(source: Source, run: int | None = None, *, phase: str | None = None) -> pd.DataFrame:
     """Per layer: ``entropy`` H = −Σ f ln f of the load shares (nats), ``norm_entropy`` H/ln E,
     ``effective_experts`` exp(H), ``max_mean`` E·max f, ``maxvio`` max_mean − 1 (arXiv 2408.15664),
-    ``cv`` population std/mean of the counts, ``dead_experts`` (count 0) (metrics.md §1, toy §15.1).
+    ``cv`` population std/mean of the counts, ``dead_experts`` (count 0).
     NaN where the layer has no routed slot."""
     data = resolve(source, run, phase=phase)
     rows = []
@@ -83,7 +83,7 @@ def layer_balance(source: Source, run: int | None = None, *, phase: str | None =
                 dead_experts=int((n == 0).sum()),
             )
         rows.append(row)
-    return result(pd.DataFrame(rows), data, "layer_balance", reference="metrics.md §1")
+    return result(pd.DataFrame(rows), data, "layer_balance", reference="Switch Transformer (arXiv 2101.03961) load balance; OLMoE (arXiv 2409.02060) §5")
 
 
 def shared_expert_stats(source: Source, run: int | None = None, *, phase: str | None = None) -> pd.DataFrame:

@@ -24,7 +24,7 @@ def expert_profiles(data: RoutingData, profile: str = "label", n_features: int =
     ``label``: the expert's label specialization spec(e, D) = n_{e,D}/N_D normalised over labels (so label
     sizes do not matter); ``token``: the share of the expert's tokens that are each of the ``n_features``
     most frequent input token ids. ``dominant_label``/``share`` always come from the label profile.
-    [moelens]; the label profile is OLMoE's domain specialization (metrics.md §2) normalised per expert."""
+    [moelens]; the label profile is OLMoE's domain specialization normalised per expert."""
     if profile not in PROFILES:
         raise InputError(f"profile must be one of {PROFILES}, not {profile!r}")
     D = len(data.label_names)

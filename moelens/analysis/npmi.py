@@ -1,4 +1,4 @@
-"""Normalised PMI between a token predicate and each expert — RICE "cognitive experts" (metrics.md §10).
+"""Normalised PMI between a token predicate and each expert — RICE "cognitive experts".
 
 Why nPMI: it is bounded in [−1, 1] and corrects for both the expert's overall load and the predicate's
 frequency, so a busy expert does not win by default (unlike raw co-occurrence counts). The RICE estimator
@@ -19,7 +19,7 @@ from moelens.analysis._common import Source, group_expert_counts, resolve, resul
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
-_REFERENCE = "RICE (arXiv 2505.14681) via summaries, unverified; moelens estimator metrics.md §10.1"
+_REFERENCE = "RICE (arXiv 2505.14681) via summaries, unverified"
 
 
 def npmi_from_counts(n_xy: np.ndarray, n_x: Any, n_y: Any, total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +72,7 @@ def npmi(
 ) -> pd.DataFrame:
     """nPMI(x, (layer, expert)) for a token predicate x, ranked (highest first). Per layer over its T
     positions: p(x) = n_x/T, p(e) = n_e/T (tokens with e in the top-k), p(x, e) = n_xe/T; nPMI = PMI /
-    −log2 p(x, e). Columns layer, expert, n_x, n_e, n_xe, pmi (bits), npmi. metrics.md §10.1, toy §15.8."""
+    −log2 p(x, e). Columns layer, expert, n_x, n_e, n_xe, pmi (bits), npmi."""
     data = resolve(source, run, phase=phase)
     mask, described = token_predicate(data, tokens=tokens, regex=regex, label=label)
     layers = range(data.n_layers) if layer is None else [data.layer_index(layer)]
@@ -104,8 +104,7 @@ def npmi_combined(
     (whether RICE ranks per layer or globally is unverified). ``targets`` is a list of
     ``(coef, {"tokens": [...]} | {"regex": ...} | {"label": ...})``; e.g. RICE's
     ``[(1, {"regex": "<think>"}), (-1, {"regex": "</think>"}), (-1, {"regex": "Alternatively"})]``.
-    Columns layer, expert, score, npmi_0 … npmi_{n-1}. metrics.md §10.1 (composite from summaries of RICE,
-    unverified)."""
+    Columns layer, expert, score, npmi_0 … npmi_{n-1}."""
     if not targets:
         raise InputError("give targets=[(coef, {'tokens'|'regex'|'label': ...}), ...]")
     data = resolve(source, run, phase=phase)

@@ -22,6 +22,7 @@ from moelens.analysis.maps import PROFILES, expert_map, token_map
 from moelens.analysis.npmi import npmi, npmi_combined
 from moelens.analysis.repetition import repetition
 from moelens.analysis.risk import risk_difference
+from moelens.analysis.router_stats import router_stats, router_token_stats
 from moelens.analysis.sch import LEVELS as SCH_LEVELS
 from moelens.analysis.sch import sch
 from moelens.analysis.srp import LEVELS as SRP_LEVELS
@@ -205,6 +206,14 @@ _ENTRIES = (
     ScoreSpec("token_map", token_map, "UMAP of router-logit vectors of sampled tokens at one layer.", "[moelens]",
               (ParamSpec("layer", "int", None, "layer id", required=True), ParamSpec("max_tokens", "int", 5000, "tokens sampled"),
                ParamSpec("seed", "int", 0, "sampling and UMAP seed"), _PHASE), needs="router logits"),
+    ScoreSpec("router_stats", router_stats, "Router entropy, top-1/top-2 margin and near-ties per layer.",
+              "StableMoE arXiv 2204.08396; Switch arXiv 2101.03961",
+              (ParamSpec("near_tie", "float", 0.02, "probability margin below which a token is a near-tie"), _PHASE),
+              needs="router logits"),
+    ScoreSpec("router_token_stats", router_token_stats, "Router entropy, margin and near-tie of every token at one layer.",
+              "StableMoE arXiv 2204.08396",
+              (ParamSpec("layer", "int", None, "layer id (required)"), ParamSpec("seq_id", "int", None, "one sequence"),
+               ParamSpec("near_tie", "float", 0.02, "near-tie margin"), _PHASE), needs="router logits"),
 )  # fmt: skip
 
 #: Every score by name.

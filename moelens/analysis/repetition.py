@@ -1,4 +1,4 @@
-"""Consecutive-token expert repetition — Mixtral Table 5 (metrics.md §6, toy §15.2).
+"""Consecutive-token expert repetition — Mixtral Table 5.
 
 Why the extra baselines: the uniform rates (1/E, 1 − C(E−k,k)/C(E,k)) assume balanced routing, which no
 real router has; the load-aware Σq² and a permutation baseline (each token paired with a random
@@ -39,8 +39,7 @@ def repetition(
     (a token without a first choice / without any routed expert leaves its pairs out); baselines
     ``uniform_first`` 1/E, ``uniform_overlap``, load-aware ``sum_sq_first`` Σq² (q = first-choice shares of
     the group's tokens) and the permutation rates ``perm_first`` / ``perm_overlap`` (seeded by ``seed``).
-    With ``by_label`` a pair belongs to its first token's label. Mixtral (arXiv 2401.04088) Table 5;
-    metrics.md §6, toy §15.2.
+    With ``by_label`` a pair belongs to its first token's label. Mixtral (arXiv 2401.04088) Table 5.
     """
     data = resolve(source, run, phase=phase)
     rng = np.random.default_rng(seed)
@@ -77,7 +76,7 @@ def repetition(
     return result(
         pd.DataFrame(rows), data, "repetition", by_label=by_label, seed=seed,
         pairs="consecutive tokens of one sequence; with phases pooled the prompt→generation pair is included",
-        reference="Mixtral of Experts (arXiv 2401.04088) Table 5; metrics.md §6",
+        reference="Mixtral of Experts (arXiv 2401.04088) Table 5",
     )  # fmt: skip
 
 

@@ -1,5 +1,4 @@
-"""SteerMoE risk difference between two behaviours (Fayyaz et al., arXiv 2509.09660; metrics.md §11.1,
-toy §15.9).
+"""SteerMoE risk difference between two behaviours (Fayyaz et al., arXiv 2509.09660).
 
 Why: the experts whose selection rate differs most between paired examples of opposite behaviours are the
 candidates to force on or off (steering). Behaviours are two labels of one run, or (for paired runs, e.g.
@@ -42,7 +41,7 @@ def risk_difference(
     ``risk_diff_abs``. Behaviour 1 = ``label_a`` tokens of (source, run); behaviour 2 = ``label_b`` tokens
     of the same run, or of (``source_b`` or source, ``run_b``) when given (None = all tokens).
     ``equalize`` truncates both to the same number of tokens (SteerMoE's "eq" option, first tokens kept).
-    SteerMoE ``custom_steering.ipynb``; metrics.md §11.1."""
+    SteerMoE ``custom_steering.ipynb``."""
     a = resolve(source, run, phase=phase)
     paired_runs = run_b is not None or source_b is not None
     b = resolve(source_b if source_b is not None else source, run_b, phase=phase) if paired_runs else a
@@ -76,5 +75,5 @@ def risk_difference(
         df, a, "risk_difference", label_a=label_a, label_b=label_b,
         run_b=None if not paired_runs or b.origin is None else b.origin.run_id, equalize=equalize,
         n_tokens_a=len(ta), n_tokens_b=len(tb),
-        reference="SteerMoE (arXiv 2509.09660) custom_steering.ipynb; metrics.md §11.1",
+        reference="SteerMoE (arXiv 2509.09660) custom_steering.ipynb",
     )  # fmt: skip

@@ -1,5 +1,4 @@
-"""SCH — Segment Cache best Hit rate, with an LRU baseline (moe-lrc, arXiv 2505.16056; metrics.md §8,
-fixtures §8.6 and §15.4).
+"""SCH — Segment Cache best Hit rate, with an LRU baseline (moe-lrc, arXiv 2505.16056).
 
 SCH is the hit rate of an expert cache whose eviction can look m tokens ahead (evict the expert with the
 fewest uses in the next m tokens, ties by least recently used), for every cache size at once. It is
@@ -89,7 +88,7 @@ def sch(
         df, data, "sch", lookahead=ms, level=level, lru=lru, sample_every=stride,
         sampled=f"every {stride}th sequence ({len(begin)} of {len(begin_all)})" if stride > 1 else "every sequence",
         access_order="stored rank order (descending gate weight)", bootstrap_ci="not computed",
-        reference="moe-lrc (arXiv 2505.16056) src/41_sch_calc.py calc_fsf, 50_chr_calc.py calc_lru; metrics.md §8",
+        reference="moe-lrc (arXiv 2505.16056) src/41_sch_calc.py calc_fsf, 50_chr_calc.py calc_lru",
     )  # fmt: skip
 
 

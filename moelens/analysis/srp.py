@@ -1,10 +1,10 @@
-"""SRP — Segment Routing best Performance (moe-lrc, arXiv 2505.16056; metrics.md §7, fixtures §15.3).
+"""SRP — Segment Routing best Performance (moe-lrc, arXiv 2505.16056).
 
 SRP asks how well one fixed expert set per window of m consecutive tokens could predict the real per-token
 routing (best F1 over a count threshold θ): high SRP means routing is locally consistent, which is what
 expert offloading and caching need.
 
-Differences from the reference code, on purpose (metrics.md §7.4): any m ≤ T is allowed (the reference's
+Differences from the reference code, on purpose: any m ≤ T is allowed (the reference's
 doubling loop is bounded by the number of sequences and silently skips m, and outputs nothing for one
 sequence); expert ids are not limited to int8; the model's recorded choice is used, not a top-k
 recomputed from bf16 logits. The bootstrap CI (§7.3) is not computed.
@@ -27,7 +27,7 @@ LEVELS = ("expert", "layer", "model")
 
 def f1_curve(hist: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """From window-count histograms ``[..., m+1]`` (hist[v] = number of (window, expert) cells with count
-    v): TP(θ), Pred(θ) for θ = 0..m and Act (metrics.md §7.1 step 3)."""
+    v): TP(θ), Pred(θ) for θ = 0..m and Act."""
     v = np.arange(m + 1)
     tp = np.cumsum((hist * v)[..., ::-1], axis=-1)[..., ::-1]
     pred = m * np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
@@ -68,8 +68,7 @@ def srp(
     Columns [layer] [expert] [label] m, srp, theta (θ*, -1 without windows), rho (ρ̂), act_rate, f1_theta0
     (the θ = 0 baseline 2r/(1+r) at the data's activation rate r), n_windows. Windows are every stride-1
     run of m tokens inside one sequence (a phase filter splits a sequence into its prompt and generated
-    parts); a group with no window of length m gets NaN. moe-lrc ``30_srp_calc.py``/``31_srp_refine.py``;
-    metrics.md §7.1-7.2, fixtures §15.3."""
+    parts); a group with no window of length m gets NaN. moe-lrc ``30_srp_calc.py``/``31_srp_refine.py``."""
     if level not in LEVELS:
         raise InputError(f"level must be one of {LEVELS}, not {level!r}")
     ms = [int(m) for m in segment_lengths]
@@ -89,7 +88,7 @@ def srp(
     return result(
         df, data, "srp", segment_lengths=ms, level=level, by_label=by_label, bootstrap_ci="not computed",
         windows="every stride-1 window of m tokens inside one sequence",
-        reference="moe-lrc (arXiv 2505.16056) src/30_srp_calc.py, 31_srp_refine.py; metrics.md §7",
+        reference="moe-lrc (arXiv 2505.16056) src/30_srp_calc.py, 31_srp_refine.py",
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Vocabulary specialization against three token targets (OLMoE §5, metrics.md §3) and an expert's top
+"""Vocabulary specialization against three token targets (OLMoE §5) and an expert's top
 tokens with example contexts.
 
 Why three targets: an expert can key on the token it reads (input), on what comes next (ground truth), or
@@ -64,7 +64,7 @@ def vocabulary_specialization(
     """Per layer: ``score`` = unweighted mean over token ids x (with N_x ≥ ``min_count`` aligned
     occurrences) of p_x = (count of x's most frequent expert) / N_x, and ``n_token_ids`` used. With
     ``normalize``: (p_x − k/E) / (1 − k/E). OLMoE ``scripts/run_moe_analysis.py``
-    ``do_token_analysis_layers_experts`` (its ``min_count`` is 1); metrics.md §3, toy §15.7. N_x counts
+    ``do_token_analysis_layers_experts`` (its ``min_count`` is 1). N_x counts
     aligned positions, including ones whose slots were dropped.
     """
     data = resolve(source, run, phase=phase)
@@ -78,7 +78,7 @@ def vocabulary_specialization(
     return result(
         pd.DataFrame(out, columns=["layer", "score", "n_token_ids"]), data, "vocabulary_specialization",
         target=target, min_count=min_count, normalize=normalize,
-        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_moe_analysis.py; metrics.md §3",
+        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_moe_analysis.py",
     )  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def vocabulary_by_expert(
 ) -> pd.DataFrame:
     """Per (layer, expert): ``score`` = mean p_x over the token ids credited to the expert (their most
     frequent expert; ties go to the expert seen first in position-then-rank order, as the reference's
-    stable sort over a ``Counter``), with ``n_token_ids`` credited (score NaN when none). metrics.md §3."""
+    stable sort over a ``Counter``), with ``n_token_ids`` credited (score NaN when none)."""
     data = resolve(source, run, phase=phase)
     rows, codes, ids, n_x = _frequent(data, target, min_count)
     frames = []
@@ -110,7 +110,7 @@ def vocabulary_by_expert(
     df = pd.concat(frames) if frames else pd.DataFrame(columns=["layer", "expert", "score", "n_token_ids"])
     return result(
         df, data, "vocabulary_by_expert", target=target, min_count=min_count, normalize=normalize,
-        reference="OLMoE scripts/run_moe_analysis.py do_token_analysis_layers_experts; metrics.md §3",
+        reference="OLMoE scripts/run_moe_analysis.py do_token_analysis_layers_experts",
     )  # fmt: skip
 
 

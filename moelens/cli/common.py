@@ -76,10 +76,20 @@ def emit(df, fmt: str, title: str | None = None) -> None:
         console.print(table)
 
 
+#: How a table shows a missing value (NULL, NaN, pandas NA): one marker everywhere.
+MISSING = "-"
+
+
 def _cell(value) -> str:
+    """Integers as integers (also integral floats: 151050, not 1.51e+05), other floats to 4 digits, one marker
+    for a missing value."""
+    import pandas as pd
+
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
+        return MISSING
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
 
 
 def device_option() -> Optional[str]:

@@ -9,19 +9,31 @@ from typing import Optional
 
 import typer
 
-from moelens.cli.common import app, check_format, console, db_option, emit, err_console, format_option
+from moelens.cli.common import MISSING, app, check_format, console, db_option, emit, err_console, format_option
 from moelens.errors import InputError
 
 
 @app.command()
 def runs(db: Path = db_option(), fmt: str = format_option()) -> None:
     """List the runs in the trace store."""
+    import pandas as pd
+
     from moelens.store import TraceStore
 
+    check_format(fmt)
     df = TraceStore(db, read_only=True).runs()
     cols = ["run_id", "name", "model", "model_type", "status", "n_experts", "top_k", "n_sequences", "n_tokens", "labels",
             "parent_run_id", "created_at"]
-    emit(df[cols], fmt, title=str(db))
+    if fmt != "table":
+        emit(df[cols], fmt, title=str(db))
+        return
+    # An 80-column terminal: the columns that tell runs apart (csv/json keep every column).
+    narrow = pd.DataFrame({
+        "run": df["run_id"], "name": df["name"].fillna(df["model"]).astype(str).map(lambda t: t if len(t) <= 24 else t[:23] + "…"),
+        "status": df["status"], "experts": [f"{e}/top-{k}" if pd.notna(e) else MISSING for e, k in zip(df["n_experts"], df["top_k"])],
+        "seqs": df["n_sequences"], "tokens": df["n_tokens"], "parent": df["parent_run_id"],
+    })  # fmt: skip
+    emit(narrow, fmt, title=str(db))
 
 
 @app.command()

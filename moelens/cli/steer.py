@@ -5,7 +5,7 @@
 
 The spec comes from ``--spec FILE`` (JSON, see `SteeringSpec.to_dict`) plus any ``--disable/--force/--boost/
 --gate-scale`` flags, which add to it. Inputs are ``--data`` files/folders, ``--text`` strings and ``--prompts``
-(one prompt per line). The baseline, steered and control runs are recorded in ``--db``.
+(one prompt per line). The baseline, steered and control runs are recorded in ``--db`` unless ``--no-save``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def steer(
     seq_len: int = typer.Option(256, "--seq-len", help="Cut inputs into sequences of at most this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     db: Path = db_option("Trace store the runs are recorded in."),
+    no_save: bool = typer.Option(False, "--no-save", help="Only report the effects: record no runs in --db."),
     device: Optional[str] = device_option(),
     device_map: Optional[str] = device_map_option(),
     dtype: str = dtype_option(),
@@ -74,7 +75,7 @@ def steer(
     from moelens.steering.experiment import run_experiment
     from moelens.store import TraceStore
 
-    store = TraceStore(db)
+    store = None if no_save else TraceStore(db)
     lm, tokenizer, _ = resolve_model(model, device=device, device_map=device_map, dtype=dtype, revision=revision,
                                      trust_remote_code=trust_remote_code, allow_random_router=allow_random_router)
     result = run_experiment(lm, tokenizer, steering, inputs, store=store, n_random=n_random, seed=seed,
@@ -95,7 +96,7 @@ def steer(
         console.print(f"[bold]spec[/]: {result.spec.describe()}", highlight=False)
     for name, df in tables.items():
         emit(df, fmt, title=name)
-    if fmt == "table":
+    if fmt == "table" and store is not None:
         console.print(f"runs in {db}: baseline {runs['baseline']}, steered {runs['steered']}, controls {runs['controls']}")
 
 

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(db: str | Path, *, max_tokens: int | None = None, again: bool = False, seq_len: int = 256,
-             progress: bool = True) -> dict[str, int]:
-    """Record the demo runs (unless present, or ``again``) and return ``{run name: run id}``; steps are logged."""
+             progress: bool = True, maps: bool = True) -> dict[str, int]:
+    """Record the demo runs (unless present, or ``again``), compute the Map page's expert maps (``maps``) and
+    return ``{run name: run id}``; steps are logged."""
     from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR, load_corpus
     from moelens.recording.loading import load_model
     from moelens.recording.record import record
@@ -63,6 +64,11 @@ def run_demo(db: str | Path, *, max_tokens: int | None = None, again: bool = Fal
     else:
         log.info("recording the demo model over %d held-out documents ...", len(docs))
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+    if maps:
+        from moelens.analysis.map_cache import precompute
+
+        log.info("computing the held-out run's expert maps for the Map page (UMAP, once) ...")
+        precompute(store, [runs[RUN_HELDOUT]])
     return runs
 
 

@@ -1,6 +1,6 @@
 """Turn a `SteeringSpec` into per-router edit tensors for one model, and check it against that model.
 
-The edits are architecture-independent vectors over a router's experts (transformers-moe.md §6, metrics.md §13):
+The edits are architecture-independent vectors over a router's experts:
 
 * ``offset`` — added to the router's logits before its own top-k: -inf disables (reroute), +1e4 forces (+inf
   would give NaN in softmax routers, §6.4), boosts add their value (times the layer's logit std in ``std`` units);

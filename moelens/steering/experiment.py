@@ -42,7 +42,9 @@ class ExperimentResult:
       experts differs from the baseline (weight-0 and capacity-dropped slots count as not routed), and
       ``experts_per_token``, the mean number of experts the variant routed each token to (its compute);
     * ``control`` — per label: the steered ``delta_loss`` against the random controls' mean and std, ``z`` and
-      ``share_random_ge`` (how many controls raised the loss at least as much);
+      ``share_random_ge`` (how many controls raised the loss at least as much) and ``p_perm``, the one-sided
+      Monte-Carlo permutation p-value (1 + #controls at least as large) / (1 + n_random) (Phipson & Smyth 2010,
+      arXiv:1603.05766), which, unlike ``z``, assumes nothing about the controls' distribution;
     * ``generations`` — with ``generate``: per prompt, the baseline and steered continuations side by side.
     """
 
@@ -65,8 +67,8 @@ class ExperimentResult:
             steered[["n_tokens", "loss_base", "loss", "kl"]], how="left"
         )
         out["share_changed"] = shift.reindex(out.index).to_numpy()
-        cols = ["label", "n_tokens", "loss_base", "loss", "delta_loss", "random_mean", "random_std", "z",
-                "share_random_ge", "kl", "share_changed"]
+        cols = ["label", "n_tokens", "loss_base", "loss", "delta_loss", "random_mean", "random_std", "n_random", "z",
+                "p_perm", "share_random_ge", "kl", "share_changed"]
         return out.reset_index(drop=True)[cols]
 
 
@@ -251,6 +253,7 @@ def _control_table(loss: pd.DataFrame) -> pd.DataFrame:
             "n_random": len(random),
             "z": (steered - random.mean()) / std if len(random) > 1 and std > 0 else math.nan,
             "share_random_ge": float((random >= steered).mean()) if len(random) else math.nan,
+            "p_perm": float((1 + (random >= steered).sum()) / (1 + len(random))) if len(random) else math.nan,
         })
     return pd.DataFrame(rows)
 

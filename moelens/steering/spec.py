@@ -106,7 +106,7 @@ class SteeringSpec:
       values suppress. The same offset means very different things in different models (transformers-moe.md
       §6.5), hence the ``std`` unit, which needs ``logit_std`` (see `moelens.steering.calibrate_logit_std`).
     * ``gate_scale`` — multiply the gate weight an already selected expert gets by β, at the experts' inputs,
-      without renormalising (RICE, metrics.md §10.2). Selection is unchanged.
+      without renormalising (RICE, arXiv 2505.14681). Selection is unchanged.
     * ``top_k`` — experts per token, for every layer (``top_k=2``) or per layer (``{layer: k}``), with the
       architecture's own routing function (renormalised as the model does); refused where k is fixed by
       construction (PhiMoE, Switch, JetMoE's attention experts).

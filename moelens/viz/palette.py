@@ -1,21 +1,25 @@
-"""One palette for the whole of moelens: an expert has the same colour in every figure, page and notebook.
+"""One palette for the whole of moelens: a unit ``(layer, expert)`` has the same colour in every figure, page
+and notebook, and colours hold up from 8 to 256 experts.
 
-Experts are identified per layer, ``(layer, expert)``, but the *colour* depends only on the expert index so
-that "E5" reads the same across layers (the label always says which layer is meant). Labels (domains) get
-their own qualitative palette, indexed by the sorted list of labels so a run's labels never collide.
+The expert palette is 256 colours picked greedily so that each is as far as possible (in CIELAB, the space where
+distance tracks perceived difference) from all before it: the first 8, 16, 64 colours are each the most distinct
+set of that size the candidate grid holds (the idea of Glasbey et al., "Colour displays for categorical images",
+2007). Experts are identified per layer, so the colour of E3 depends on its layer too: each layer reads the
+palette from its own offset, and E3 in layer 1 and E3 in layer 2 get unrelated colours (the labels say which is
+which). Labels (domains) get their own qualitative palette, indexed by the sorted list of labels.
 """
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
-# 24 well-separated colours (Tableau 20 reordered for contrast between neighbours, plus 4 extras).
-_EXPERT_BASE: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-    "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-    "#f7b6d2", "#9edae5", "#dbdb8d", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
-)  # fmt: skip
+import numpy as np
+
+#: Size of the expert palette; with more experts per layer colours repeat (tooltips and labels still tell).
+N_EXPERT_COLORS = 256
+#: Palette offset between consecutive layer ids: coprime with 256, so layers start far apart in the palette.
+LAYER_STRIDE = 67
 
 # Labels: a different qualitative set, so a label chip is not mistaken for an expert chip.
 _LABEL_BASE: tuple[str, ...] = (
@@ -32,24 +36,47 @@ SEQUENTIAL_SCALE = "Viridis"
 DIVERGING_SCALE = "RdBu_r"
 
 
-def expert_color(expert: int) -> str:
-    """The colour of expert index ``expert`` (hex). Same everywhere; -1 (dropped) is grey."""
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] (rows) to CIELAB (D65)."""
+    c = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz /= np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    return np.column_stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])])
+
+
+@lru_cache(maxsize=1)
+def _expert_palette() -> tuple[str, ...]:
+    """`N_EXPERT_COLORS` colours, greedy max-min CIELAB distance over an sRGB grid (no near-whites or near-blacks,
+    which vanish on a white page or under black text), starting from plotly's blue. Deterministic."""
+    steps = np.linspace(0, 1, 16)
+    grid = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+    lab = _srgb_to_lab(grid)
+    keep = (lab[:, 0] > 30) & (lab[:, 0] < 85)
+    grid, lab = grid[keep], lab[keep]
+    chosen = [int(np.argmin(((grid - np.array([0x1F, 0x77, 0xB4]) / 255) ** 2).sum(1)))]
+    dist = np.linalg.norm(lab - lab[chosen[0]], axis=1)
+    while len(chosen) < N_EXPERT_COLORS:
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(lab - lab[nxt], axis=1))
+    return tuple("#{:02x}{:02x}{:02x}".format(*(round(v * 255) for v in grid[i])) for i in chosen)
+
+
+def expert_color(expert: int, layer: int | None = None) -> str:
+    """The colour (hex) of expert ``expert`` of layer ``layer``; -1 (dropped) is grey. Without ``layer``, the
+    colour of the expert index itself (for views that compare one index across layers on purpose)."""
     e = int(expert)
     if e < 0:
         return DROPPED_COLOR
-    if e < len(_EXPERT_BASE):
-        return _EXPERT_BASE[e]
-    # Beyond the base set: golden-angle hues with alternating lightness, deterministic for any index.
-    hue = ((e * 137.508) % 360) / 360
-    light = (0.42, 0.58, 0.50)[e % 3]
-    sat = (0.65, 0.55, 0.75)[(e // 3) % 3]
-    r, g, b = colorsys.hls_to_rgb(hue, light, sat)
-    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+    shift = 0 if layer is None else LAYER_STRIDE * int(layer)
+    palette = _expert_palette()
+    return palette[(e + shift) % len(palette)]
 
 
-def expert_colors(n_experts: int) -> list[str]:
-    """Colours of experts ``0 .. n_experts-1``."""
-    return [expert_color(e) for e in range(int(n_experts))]
+def expert_colors(n_experts: int, layer: int | None = None) -> list[str]:
+    """Colours of experts ``0 .. n_experts-1`` (of ``layer``)."""
+    return [expert_color(e, layer) for e in range(int(n_experts))]
 
 
 def label_color(label: str | None, labels: Sequence[str | None] | None = None) -> str:

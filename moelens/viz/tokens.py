@@ -166,8 +166,8 @@ def token_html(
         The layer whose routing colours the tokens (default: the first layer in ``routing_df``).
     color_by
         ``"top1"``: background = colour of the token's top-1 expert at ``layer``;
-        ``"weight"``: background = ``expert``'s colour with opacity = its gate weight at ``layer`` (0 if not
-        selected).
+        ``"weight"``: background = ``expert``'s colour with opacity = its gate weight at ``layer`` divided by
+        the largest such weight in the view (0 if not selected; the legend gives the scale).
     highlight
         Positions (or ``(seq_id, pos)`` pairs) to outline, e.g. tokens whose routing or text differs.
     seq_titles, labels
@@ -214,8 +214,8 @@ def token_html(
         else:
             sel = routing[(routing["layer"] == int(layer)) & (routing["expert"] == int(expert))]
             weights = sel.groupby(keys)["weight"].sum()
-            if len(weights):
-                wmax = max(1.0, float(weights.max()))
+            if len(weights) and float(weights.max()) > 0:  # scaled to the data: small gate weights stay visible
+                wmax = float(weights.max())
 
     tips_d = tips
     top1_d: dict = {(int(k[0]), int(k[1])): int(v) for k, v in top1.items()}
@@ -223,7 +223,7 @@ def token_html(
     counts: dict[int, int] = {}
     parts: list[str] = ['<div class="moelens-tokens">', f"<style>{_CSS}</style>"]
     legend_at = len(parts)
-    ecol = expert_color(int(expert)) if expert is not None else None
+    ecol = expert_color(int(expert), layer) if expert is not None else None
 
     label_list = sorted({str(v) for v in (labels or {}).values() if v is not None})
     for seq_id, grp in tokens.groupby("seq_id", sort=True):
@@ -253,7 +253,7 @@ def token_html(
                 if e < 0:
                     classes.append("ml-drop")
                 else:
-                    bg = expert_color(e)
+                    bg = expert_color(e, layer)
                     style = f"background:{bg};color:{text_color_for(bg)}"
             elif ecol is not None and color_by == "weight":
                 w = w_d.get(key, 0.0)
@@ -296,7 +296,7 @@ def token_html(
         if color_by == "top1":
             chips = []
             for e, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                bg = DROPPED_COLOR if e < 0 else expert_color(e)
+                bg = DROPPED_COLOR if e < 0 else expert_color(e, layer)
                 name = "dropped" if e < 0 else f"E{e}"
                 chips.append(
                     f'<span class="ml-chip" style="background:{bg};color:{text_color_for(bg)}">{name} · {n}</span>'
