@@ -49,6 +49,18 @@ SHAPES = {
 }
 
 
+def _timed(device: str, work) -> float:
+    """Seconds ``work()`` takes in inference mode, the device's queued work included."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        work()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def forward_overhead(device: str, reps: int, shape: str = "demo", dtype: str = "float32") -> dict[str, float]:
     spec = SHAPES[shape]
     batch, seq = spec["batch"], spec["seq"]
@@ -59,28 +71,17 @@ def forward_overhead(device: str, reps: int, shape: str = "demo", dtype: str = "
     rows = RowMap(seq_id=np.repeat(np.arange(batch, dtype=np.int32), seq), pos=np.tile(np.arange(seq, dtype=np.int32), batch),
                   keep=np.ones(batch * seq, dtype=bool))
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def plain() -> float:
-        sync()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model(ids, use_cache=False)
-        sync()
-        return time.perf_counter() - t
+        return _timed(device, lambda: model(ids, use_cache=False))
 
     def recorded(capture: RoutingCapture) -> float:
-        sync()
-        t = time.perf_counter()
-        with torch.inference_mode():
+        def work() -> None:
             model(ids, use_cache=False)
-        rows.offsets.clear()
-        routing_columns(capture.pop(), rows)
-        capture.contribution_columns(rows)
-        sync()
-        return time.perf_counter() - t
+            rows.offsets.clear()
+            routing_columns(capture.pop(), rows)
+            capture.contribution_columns(rows)
+
+        return _timed(device, work)
 
     for _ in range(3):  # warm-up
         plain()
@@ -113,19 +114,12 @@ def pipeline_overhead(device: str, reps: int, n_batches: int = 4) -> dict[str, f
     device_inputs, device_mask = inputs.to(device), torch.ones(batch, seq, dtype=torch.long, device=device)
     chunks = [make_chunk(row, [None] * seq, [None] * seq, label=None, source=None) for row in inputs.tolist()]
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def plain() -> float:
-        sync()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for i in range(n_batches):
-                # the same call as the recorder's: with the attention mask a padded batch needs
+        def work() -> None:
+            for i in range(n_batches):  # the recorder's call: with the attention mask a padded batch needs
                 model(input_ids=device_inputs[i * batch:(i + 1) * batch], attention_mask=device_mask, use_cache=False)
-        sync()
-        return time.perf_counter() - t
+
+        return _timed(device, work)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = TraceStore(Path(tmp) / "pipeline.duckdb")
@@ -133,17 +127,16 @@ def pipeline_overhead(device: str, reps: int, n_batches: int = 4) -> dict[str, f
 
         def recorded(max_pending: int) -> float:
             writer = RunWriter(store, run, flush_tokens=10**12)  # buffered only: the write is measured in (2)
-            t = time.perf_counter()
-            with torch.inference_mode(), RoutingCapture(model, info) as capture, \
-                    BackgroundWriter(writer, max_pending) as background:
-                for i in range(n_batches):
-                    background.submit(_forward(model, info, capture, chunks[i * batch:(i + 1) * batch], i * batch, 0))
-            return time.perf_counter() - t
+
+            def work() -> None:
+                with RoutingCapture(model, info) as capture, BackgroundWriter(writer, max_pending) as background:
+                    for i in range(n_batches):
+                        background.submit(_forward(model, info, capture, chunks[i * batch:(i + 1) * batch], i * batch, 0))
+
+            return _timed(device, work)
 
         def whole_run() -> float:
-            t = time.perf_counter()
-            record(model, None, [[5]], store=store, progress=False)
-            return time.perf_counter() - t
+            return _timed(device, lambda: record(model, None, [[5]], store=store, progress=False))
 
         for _ in range(2):  # warm-up
             plain(), recorded(0), recorded(2)

@@ -162,7 +162,7 @@ def record(
 
 class _HostCopy:
     """A device tensor on its way to the host: a non-blocking copy into pinned memory on CUDA (the
-    predicted ids, the generated sequences), the tensor itself elsewhere. `wait` gives it as numpy."""
+    predicted ids, the generated sequences), a plain copy elsewhere (none on the CPU). `wait` gives numpy."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self._event = None
@@ -172,7 +172,7 @@ class _HostCopy:
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = tensor
+            self._host = tensor.cpu()
 
     def wait(self) -> np.ndarray:
         if self._event is not None:
@@ -272,8 +272,10 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     out = model.generate(ids, attention_mask=mask, **kwargs)
     width, n_new = ids.shape[1], out.sequences.shape[1] - ids.shape[1]
     full_mask = torch.cat([mask, mask.new_ones(len(batch), n_new)], dim=1)
-    last = model(out.sequences[:, -1:], attention_mask=full_mask, position_ids=full_mask.sum(-1, keepdim=True) - 1,
-                 use_cache=True, **_cache_argument(model, out))
+    # A left-padded row's last token sits at its own position, not at the cache length (one prompt: no padding).
+    positions = {"position_ids": full_mask.sum(-1, keepdim=True) - 1} if len(batch) > 1 else {}
+    last = model(out.sequences[:, -1:], attention_mask=full_mask, use_cache=True, **positions,
+                 **_cache_argument(model, out))
     # Raw logits of every step (and of the extra forward): their argmax predicts the next token of each row.
     predicted = _HostCopy(torch.stack([s.argmax(-1) for s in [*out.logits, last.logits[:, -1]]], dim=1))
     sequences = _HostCopy(out.sequences)
@@ -530,8 +532,8 @@ def left_padded(batch: list[Chunk], pad: int) -> tuple[torch.Tensor, torch.Tenso
     """``(ids [B, S], attention_mask [B, S])`` on the CPU, padded on the left: every row's next token is in the
     last column, as batched generation needs."""
     ids, mask = right_padded(batch, pad)
-    shifts = [ids.shape[1] - len(c.ids) for c in batch]
-    for i, shift in enumerate(shifts):
+    for i, chunk in enumerate(batch):
+        shift = ids.shape[1] - len(chunk.ids)
         ids[i], mask[i] = ids[i].roll(shift), mask[i].roll(shift)
     return ids, mask
 
