@@ -160,7 +160,7 @@ def _prompts(tokenizer, n: int) -> list:
 
 
 def generation_throughput(device: str, n_prompts: int = 16, n_new: int = 32,
-                          batch_sizes: tuple[int, ...] = (1, 4, 8, 16)) -> list[dict]:
+                          batch_sizes: tuple[int, ...] = (1, 4, 8, 16), reps: int = 3) -> list[dict]:
     """Generated tokens/s of recorded and of plain batched generation, per model and batch size."""
     from moelens.demo import DEMO_MODEL_DIR
     from moelens.recording.loading import load_model
@@ -177,24 +177,27 @@ def generation_throughput(device: str, n_prompts: int = 16, n_new: int = 32,
             pad = int(model.config.pad_token_id or 0)
             settings = {"max_new_tokens": n_new, "min_new_tokens": n_new}  # every row generates n_new tokens
             record(model, None, prompts[:2], store=store, generate=settings, batch_size=2, progress=False)  # warm-up
-            t = time.perf_counter()
-            record(model, None, [[5]], store=store, progress=False)
-            run_s = time.perf_counter() - t  # the fixed cost of a run (its DuckDB connections), paid once per run
+            # the fixed cost of a run (its DuckDB connections), paid once per run
+            run_s = statistics.median(_timed(device, lambda: record(model, None, [[5]], store=store, progress=False))
+                                      for _ in range(reps))
             for b in batch_sizes:
-                t = time.perf_counter()
-                run = record(model, None, prompts, store=store, generate=settings, batch_size=b, progress=False)
-                rec_s = time.perf_counter() - t
+                rec_t, plain_t = [], []
+                for _ in range(reps):  # alternating, median: one generation is short and the machine is shared
+                    t = time.perf_counter()
+                    run = record(model, None, prompts, store=store, generate=settings, batch_size=b, progress=False)
+                    rec_t.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    with torch.inference_mode():
+                        for i in range(0, len(prompts), b):
+                            chunks = [make_chunk(p, [None] * len(p), [None] * len(p), label=None, source=None)
+                                      for p in prompts[i:i + b]]
+                            ids, mask = left_padded(chunks, pad)
+                            model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                           pad_token_id=pad, **settings)
+                    plain_t.append(time.perf_counter() - t)
+                rec_s, plain_s = statistics.median(rec_t), statistics.median(plain_t)
                 seqs = store.sequences(run)
                 n_generated = int((seqs["n_tokens"] - seqs["prompt_len"]).sum())
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    for i in range(0, len(prompts), b):
-                        chunks = [make_chunk(p, [None] * len(p), [None] * len(p), label=None, source=None)
-                                  for p in prompts[i:i + b]]
-                        ids, mask = left_padded(chunks, pad)
-                        model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False, pad_token_id=pad,
-                                       **settings)
-                plain_s = time.perf_counter() - t
                 out.append({"model": name, "batch": b, "generated": n_generated, "recorded_tok_s": n_generated / rec_s,
                             "plain_tok_s": n_generated / plain_s, "ratio_without_run": (rec_s - run_s) / plain_s})
     return out
@@ -268,7 +271,7 @@ def main() -> None:
             f"| store file size | {wr['file_mb']:.0f} MB ({wr['file_mb'] * 2**20 / wr['rows']:.2f} bytes/row) | |",
         ]
     if args.shape == "demo":
-        pipe = pipeline_overhead(args.device, max(3, args.reps // 3))
+        pipe = pipeline_overhead(args.device, max(3, args.reps // 2))
         lines += [
             "", f"## `record()`'s loop, writer thread vs inline ({pipe['n_batches']} batches of "
             f"{b['batch']} x {b['seq']}; the DuckDB write is the rows/s above)", "",
@@ -281,7 +284,7 @@ def main() -> None:
         ]
     if not args.skip_generation:
         rows = generation_throughput(args.device)
-        lines += ["", "## Batched generation (16 prompts of 8-40 tokens, 32 new tokens each, greedy)", "",
+        lines += ["", "## Batched generation (16 prompts of 8-40 tokens, 32 new tokens each, greedy; median of 3, alternating)", "",
                   "| model | batch | generated tok/s recorded | vs batch 1 | plain `generate` tok/s | recorded / plain time | "
                   "same, less the fixed cost of a run |", "|---|---|---|---|---|---|---|"]
         base = {r["model"]: r["recorded_tok_s"] for r in rows if r["batch"] == 1}
