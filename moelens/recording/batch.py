@@ -48,6 +48,36 @@ class RowMap:
             raise RuntimeError(f"routing incomplete for layers {missing}: rows seen {seen} of {len(self.seq_id)}")
 
 
+def forward_rows(seq_start: int, mask: np.ndarray) -> RowMap:
+    """Rows of one right-padded forward over ``mask.shape[0]`` sequences: row ``b * S + s`` is position ``s``."""
+    n, width = mask.shape
+    return RowMap(seq_id=np.repeat(np.arange(seq_start, seq_start + n, dtype=np.int32), width),
+                  pos=np.tile(np.arange(width, dtype=np.int32), n), keep=mask.reshape(-1).astype(bool))
+
+
+def generation_rows(seq_start: int, prompt_lens: Sequence[int], width: int, n_generated: Sequence[int],
+                    n_steps: int) -> RowMap:
+    """Rows of one batched generation, in the order its router calls consume them.
+
+    The prompts are left-padded to ``width``: the prompt forward has ``B * width`` rows, row ``b`` holding its
+    real tokens in its last ``prompt_lens[b]`` columns. Then each of the ``n_steps`` cached forwards routes one
+    token per row: step ``j`` (1-based) routes row ``b``'s ``j``-th generated token, at position
+    ``prompt_lens[b] + j - 1``, kept only while ``j <= n_generated[b]`` (a row that stopped keeps generating
+    padding in the batch; none of it is stored).
+    """
+    n = len(prompt_lens)
+    lens = np.asarray(prompt_lens, dtype=np.int32)
+    seq = np.arange(seq_start, seq_start + n, dtype=np.int32)
+    prompt_pos = np.arange(width, dtype=np.int32)[None, :] - (width - lens)[:, None]
+    steps = np.arange(1, n_steps + 1, dtype=np.int32)[:, None]
+    step_pos = lens[None, :] + steps - 1
+    return RowMap(
+        seq_id=np.concatenate([np.repeat(seq, width), np.tile(seq, n_steps)]),
+        pos=np.concatenate([prompt_pos.reshape(-1), step_pos.reshape(-1)]),
+        keep=np.concatenate([(prompt_pos >= 0).reshape(-1), (steps <= np.asarray(n_generated)[None, :]).reshape(-1)]),
+    )
+
+
 def routing_columns(calls: Sequence, rows: RowMap) -> dict[str, dict[str, np.ndarray]]:
     """Columns for the `routing`, `shared_experts` and `router_logits` tables from decoded router calls.
 

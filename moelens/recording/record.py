@@ -22,12 +22,13 @@ import pyarrow as pa
 import torch
 
 from moelens.adapters import MoEInfo, RoutingCapture, find_routers, unwrap
-from moelens.adapters.contributions import check_supported
+from moelens.adapters.capture import PendingCalls
+from moelens.adapters.contributions import check_supported, contribution_columns
 from moelens.errors import InputError
-from moelens.recording.batch import RowMap, routing_columns
+from moelens.recording.batch import RowMap, forward_rows, generation_rows, routing_columns
 from moelens.recording.inputs import documents
 from moelens.recording.tokenize import Chunk, chunk_documents, decoded_texts, make_chunk
-from moelens.recording.writer import RunWriter
+from moelens.recording.writer import BackgroundWriter, Job, RunWriter
 from moelens.store import DEFAULT_DB, TraceStore
 
 
@@ -56,6 +57,7 @@ def record(
     parent_run_id: int | None = None,
     intervention: dict | None = None,
     metadata: dict | None = None,
+    max_pending: int = 2,
 ) -> int:
     """Record the routing of ``model`` over ``inputs`` into ``store`` and return the new run id.
 
@@ -74,7 +76,15 @@ def record(
     followed by its continuation (greedy unless asked otherwise): prompt tokens once, then each new token once,
     as the cached generation routed them. In float32 that routing equals one forward over the final sequence;
     in bfloat16/float16 the cached steps' rounding can differ from a full forward's, so a near-tie between two
-    experts may be routed differently: what is stored is what generation used.
+    experts may be routed differently: what is stored is what generation used. Prompts are generated
+    ``batch_size`` at a time (left-padded, each row stopping at its own EOS); the stored tokens and routing are
+    those of generating each prompt alone. Settings whose meaning depends on the padded batch (``max_length``
+    without ``max_new_tokens``, custom stopping criteria, stop strings, ``max_time``) generate one prompt at a
+    time; the run's ``metadata["generate_batch_size"]`` says which was used.
+
+    ``max_pending``: forwards whose routing may still be in flight to the host or waiting for the writer thread
+    (which builds the columns and writes them, so the forward never waits on the host); it bounds the memory
+    held. ``0`` builds and writes each forward's columns in the caller, without a thread.
     """
     model = unwrap(model)  # record the torch module an nnsight wrapper runs
     info = find_routers(model)
@@ -97,9 +107,12 @@ def record(
         raise InputError("nothing to record: the inputs contain no text or tokens"
                          + (f" (skipped {empty} empty document{'s' if empty != 1 else ''})" if empty else ""))
 
+    gen_batch = None if gen_kwargs is None else _generation_batch_size(model, gen_kwargs, batch_size)
     run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
                     "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
                     "add_special_tokens": add_special_tokens, "contributions": contributions}
+    if gen_batch is not None:
+        run_metadata["generate_batch_size"] = gen_batch
     run_id = store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
@@ -111,17 +124,23 @@ def record(
     store.append(run_id, {"layers": layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
     bar = _progress(progress, max_tokens)
+    pad = pad_id(tokenizer, model)
+    seq_start = 0
     try:
-        with torch.inference_mode(), RoutingCapture(model, info, logits=logits, contributions=contributions) as capture:
+        with (torch.inference_mode(), RoutingCapture(model, info, logits=logits, contributions=contributions) as capture,
+              BackgroundWriter(writer, max_pending) as background):
             all_chunks = itertools.chain([first], chunks)
             if gen_kwargs is None:
                 for batch in _batched(all_chunks, batch_size):
-                    _forward(model, tokenizer, info, capture, batch, writer)
+                    background.submit(_forward(model, info, capture, batch, seq_start, pad))
+                    seq_start += len(batch)
                     bar.update(sum(len(c.ids) for c in batch))
             else:
-                for chunk in all_chunks:
-                    _generation(model, tokenizer, info, capture, chunk, writer, gen_kwargs)
-                    bar.update(len(chunk.ids))
+                eos = _eos_ids(model, gen_kwargs)
+                for batch in _batched(all_chunks, gen_batch):
+                    background.submit(_generation(model, tokenizer, info, capture, batch, seq_start, pad, gen_kwargs, eos))
+                    seq_start += len(batch)
+                    bar.update(sum(len(c.ids) for c in batch))
         writer.flush()
         store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
     except BaseException as exc:
@@ -135,76 +154,168 @@ def record(
 
 
 # -- one unit of work ----------------------------------------------------------------------------------
+#
+# Each unit runs its forward(s) on the calling thread, starts the host copies of what it captured and returns
+# a `Job` that the writer thread runs later: wait for the copies, build the columns. Nothing here waits on the
+# device, so on an accelerator the next forward is queued while the previous one's routing is still in flight.
 
 
-def _forward(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture, batch: list[Chunk],
-             writer: RunWriter) -> None:
+class _HostCopy:
+    """A device tensor on its way to the host: a non-blocking copy into pinned memory on CUDA (the
+    predicted ids, the generated sequences), a plain copy elsewhere (none on the CPU). `wait` gives numpy."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.cpu()
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+#: CPU logits up to this size are kept for the writer thread to reduce (the next forward runs meanwhile);
+#: larger ones are reduced at once rather than held in memory.
+DEFERRED_LOGITS_BYTES = 64 * 2**20
+
+
+class _Predicted:
+    """The argmax of a forward's logits (the predicted next ids), on the host.
+
+    On an accelerator: reduced on the device, copied without blocking. On the CPU: reduced by whoever calls
+    `wait` (the writer thread) when the logits are small, with numpy's vectorised argmax where the dtype allows
+    (same first-maximum rule as torch, several times faster than torch's CPU argmax over a 4k+ vocabulary).
+    """
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        small = logits.numel() * logits.element_size() <= DEFERRED_LOGITS_BYTES
+        self._logits = logits if logits.device.type == "cpu" and small else None
+        if self._logits is None:
+            self._ids = _cpu_argmax(logits) if logits.device.type == "cpu" else _HostCopy(logits.argmax(-1))
+
+    def wait(self) -> np.ndarray:
+        if self._logits is not None:
+            self._ids, self._logits = _cpu_argmax(self._logits), None
+        return self._ids if isinstance(self._ids, np.ndarray) else self._ids.wait()
+
+
+def _cpu_argmax(logits: torch.Tensor) -> np.ndarray:
+    if logits.dtype in (torch.float16, torch.float32, torch.float64):
+        return logits.numpy().argmax(-1)
+    return logits.argmax(-1).numpy()
+
+
+def _pop(capture: RoutingCapture) -> tuple[PendingCalls, list | None]:
+    """The routing of the last forward(s), copies started; contribution norms (small, copied at once) if kept."""
+    contributions = capture.contributions.pop() if capture.contributions is not None else None
+    return capture.pop_async(), contributions
+
+
+def _routing_tables(info: MoEInfo, pending: PendingCalls, contributions: list | None, rows: RowMap) -> dict:
+    tables = routing_columns(pending.wait(), rows)
+    if contributions is not None:
+        tables |= contribution_columns(contributions, rows.seq_id, rows.pos, rows.keep)
+    rows.check_complete([s.layer for s in info.sites])
+    return tables
+
+
+def _forward(model: Any, info: MoEInfo, capture: RoutingCapture, batch: list[Chunk], seq_start: int,
+             pad: int) -> Job:
     """One padded forward over a batch of sequences (right padding keeps real positions unchanged)."""
-    seq_start = writer.n_sequences
-    ids, mask = right_padded(batch, pad_id(tokenizer, model))
-    width = ids.shape[1]
+    ids, mask = right_padded(batch, pad)
     device = _device(model)
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
     if info.is_encoder_decoder:  # both stacks route the same tokens at the same positions
         kwargs.update(decoder_input_ids=kwargs["input_ids"], decoder_attention_mask=kwargs["attention_mask"])
-    out = model(**kwargs)
-    keep = mask.reshape(-1).numpy().astype(bool)
-    rows = RowMap(
-        seq_id=np.repeat(np.arange(seq_start, seq_start + len(batch), dtype=np.int32), width),
-        pos=np.tile(np.arange(width, dtype=np.int32), len(batch)),
-        keep=keep,
-    )
-    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
-    rows.check_complete([s.layer for s in info.sites])
-    predicted = out.logits.argmax(-1).reshape(-1).cpu().numpy()[keep]
-    tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(predicted, type=pa.int32()))
-    tables["sequences"] = _sequence_columns(batch, seq_start, prompt_lens=[len(c.ids) for c in batch])
-    writer.add(tables, n_tokens=int(keep.sum()), n_sequences=len(batch))
+    predicted = _Predicted(model(**kwargs).logits)
+    pending, contributions = _pop(capture)
+
+    def build() -> tuple[dict, int, int]:
+        rows = forward_rows(seq_start, mask.numpy())
+        tables = _routing_tables(info, pending, contributions, rows)
+        kept = predicted.wait().reshape(-1)[rows.keep]
+        tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(kept, type=pa.int32()))
+        tables["sequences"] = _sequence_columns(batch, seq_start, prompt_lens=[len(c.ids) for c in batch])
+        return tables, int(rows.keep.sum()), len(batch)
+
+    return build
 
 
-def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture, chunk: Chunk,
-                writer: RunWriter, gen_kwargs: dict[str, Any]) -> None:
-    """One generation from one prompt, recording every token once, as generation routed it.
+def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCapture, batch: list[Chunk],
+                seq_start: int, pad: int, gen_kwargs: dict[str, Any], eos: set[int]) -> Job:
+    """One batched generation from ``len(batch)`` left-padded prompts, recording every token once, as
+    generation routed it.
 
-    ``generate`` routes the prompt, then one new token per step; the last new token is never fed back,
-    so one extra cached forward routes it. In float32 the result equals a plain forward over the final
-    sequence (the cached steps compute the same numbers); in half precision a near-tie may go the other way.
-    Generated token texts are their spans in ``tokenizer.decode(prompt + generated)``.
+    ``generate`` routes the prompts, then one new token per row and step (positions follow the attention
+    mask); the last new token is never fed back, so one extra cached forward routes it. A row ends at its
+    first ``eos`` (kept) or after all new tokens, as it would alone; what a finished row generates while the
+    others go on is never stored. In float32 the result equals recording each prompt alone (and a plain forward
+    over the final sequence); in half precision a near-tie may go the other way. Generated token texts are
+    their spans in ``tokenizer.decode(prompt + generated)``.
     """
-    seq_id = writer.n_sequences
     device = _device(model)
-    prompt = torch.tensor([chunk.ids], device=device)
-    ours = {"return_dict_in_generate": True, "output_logits": True, "pad_token_id": pad_id(tokenizer, model)}
+    ids, mask = left_padded(batch, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    ours = {"return_dict_in_generate": True, "output_logits": True, "pad_token_id": pad}
     kwargs = dict(gen_kwargs)
     if "generation_config" in kwargs:  # transformers wants either a config or loose settings, not both
         kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
         kwargs["generation_config"].update(**ours)
     else:
         kwargs.update(ours)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-    sequence = out.sequences[0]
-    last = model(sequence[-1:].unsqueeze(0), use_cache=True, **_cache_argument(model, out))
-    n_prompt, n_total = len(chunk.ids), int(sequence.shape[0])
-    rows = RowMap(seq_id=np.full(n_total, seq_id, dtype=np.int32), pos=np.arange(n_total, dtype=np.int32),
-                  keep=np.ones(n_total, dtype=bool))
-    tables = routing_columns(capture.pop(), rows) | capture.contribution_columns(rows)
-    rows.check_complete([s.layer for s in info.sites])
+    out = model.generate(ids, attention_mask=mask, **kwargs)
+    width, n_new = ids.shape[1], out.sequences.shape[1] - ids.shape[1]
+    full_mask = torch.cat([mask, mask.new_ones(len(batch), n_new)], dim=1)
+    # A left-padded row's last token sits at its own position, not at the cache length (one prompt: no padding).
+    positions = {"position_ids": full_mask.sum(-1, keepdim=True) - 1} if len(batch) > 1 else {}
+    last = model(out.sequences[:, -1:], attention_mask=full_mask, use_cache=True, **positions,
+                 **_cache_argument(model, out))
+    # Raw logits of every step (and of the extra forward): their argmax predicts the next token of each row.
+    predicted = _HostCopy(torch.stack([s.argmax(-1) for s in [*out.logits, last.logits[:, -1]]], dim=1))
+    sequences = _HostCopy(out.sequences)
+    pending, contributions = _pop(capture)
 
-    step_logits = [*out.logits, last.logits[:, -1]]
-    predicted = np.full(n_total, -1, dtype=np.int64)
-    predicted[n_prompt - 1:] = torch.cat([s.argmax(-1) for s in step_logits]).cpu().numpy()[: n_total - n_prompt + 1]
-    ids = sequence.tolist()
-    if tokenizer is None:
-        new_tokens, new_special = [None] * (n_total - n_prompt), [None] * (n_total - n_prompt)
-    else:
-        new_tokens, new_special = decoded_texts(tokenizer, ids, start=n_prompt)
-    full = make_chunk(ids, [*chunk.tokens, *new_tokens], [*(chunk.special or [None] * n_prompt), *new_special],
-                      label=chunk.label, source=chunk.source)
-    phase = ["prompt"] * n_prompt + ["generated"] * (n_total - n_prompt)
-    tables["tokens"] = _token_columns([full], seq_id, predicted=pa.array(predicted, mask=predicted < 0, type=pa.int32()),
-                                      phase=phase)
-    tables["sequences"] = _sequence_columns([full], seq_id, prompt_lens=[n_prompt])
-    writer.add(tables, n_tokens=n_total, n_sequences=1)
+    def build() -> tuple[dict, int, int]:
+        generated = sequences.wait()[:, width:]
+        step_predicted = predicted.wait()
+        n_generated = [_generated_length(row, eos) for row in generated]
+        rows = generation_rows(seq_start, [len(c.ids) for c in batch], width, n_generated, n_new)
+        tables = _routing_tables(info, pending, contributions, rows)
+        fulls, predicted_ids, phase = [], [], []
+        for chunk, new, n, step in zip(batch, generated, n_generated, step_predicted):
+            n_prompt, new_ids = len(chunk.ids), [int(t) for t in new[:n]]
+            if tokenizer is None:
+                new_tokens, new_special = [None] * n, [None] * n
+            else:
+                new_tokens, new_special = decoded_texts(tokenizer, [*chunk.ids, *new_ids], start=n_prompt)
+            fulls.append(make_chunk([*chunk.ids, *new_ids], [*chunk.tokens, *new_tokens],
+                                    [*(chunk.special or [None] * n_prompt), *new_special],
+                                    label=chunk.label, source=chunk.source))
+            row_predicted = np.full(n_prompt + n, -1, dtype=np.int64)
+            row_predicted[n_prompt - 1:] = step[: n + 1]
+            predicted_ids.append(row_predicted)
+            phase += ["prompt"] * n_prompt + ["generated"] * n
+        all_predicted = np.concatenate(predicted_ids)
+        tables["tokens"] = _token_columns(fulls, seq_start, phase=phase,
+                                          predicted=pa.array(all_predicted, mask=all_predicted < 0, type=pa.int32()))
+        tables["sequences"] = _sequence_columns(fulls, seq_start, prompt_lens=[len(c.ids) for c in batch])
+        return tables, len(all_predicted), len(batch)
+
+    return build
+
+
+def _generated_length(new_ids: np.ndarray, eos: set[int]) -> int:
+    """How many of a row's new tokens are its own: up to and including its first end-of-sequence token."""
+    for i, token in enumerate(new_ids.tolist()):
+        if token in eos:
+            return i + 1
+    return len(new_ids)
 
 
 def _cache_argument(model: Any, out: Any) -> dict[str, Any]:
@@ -315,6 +426,35 @@ def _batched(chunks: Iterable[Chunk], size: int) -> Iterator[list[Chunk]]:
         yield batch
 
 
+def _generation_batch_size(model: Any, gen_kwargs: dict[str, Any], batch_size: int) -> int:
+    """``batch_size``, or 1 where a padded batch would stop rows differently than generating each alone: a
+    ``max_length`` counts the left padding, stopping criteria and stop strings see the padded ids, and a model
+    whose forward takes no ``position_ids`` cannot place a left-padded row's tokens at their own positions."""
+    stops = ("stopping_criteria", "stop_strings", "max_time")
+    if (_generation_setting(gen_kwargs, "max_new_tokens") is None or any(_generation_setting(gen_kwargs, n) for n in stops)
+            or "position_ids" not in inspect.signature(model.forward).parameters):
+        return 1
+    return batch_size
+
+
+def _generation_setting(gen_kwargs: dict[str, Any], name: str) -> Any:
+    """A ``generate`` setting as given: the keyword, else the passed ``GenerationConfig``'s field."""
+    value = gen_kwargs.get(name)
+    config = gen_kwargs.get("generation_config")
+    return getattr(config, name, None) if value is None and config is not None else value
+
+
+def _eos_ids(model: Any, gen_kwargs: dict[str, Any]) -> set[int]:
+    """The end-of-sequence ids generation stops a row at: the call's, else the model's generation config's."""
+    value = _generation_setting(gen_kwargs, "eos_token_id")
+    if value is None:
+        value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        return set()
+    value = value.tolist() if isinstance(value, torch.Tensor) else value
+    return {int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])}
+
+
 def _generate_kwargs(generate: int | dict[str, Any] | None) -> dict[str, Any] | None:
     if generate is None or generate is False:
         return None
@@ -325,6 +465,10 @@ def _generate_kwargs(generate: int | dict[str, Any] | None) -> dict[str, Any] | 
     if kwargs.get("use_cache") is False or getattr(config, "use_cache", True) is False:
         raise InputError("generate with use_cache=False re-routes the whole prefix at every step; moelens records "
                          "cached generation (drop use_cache=False)")
+    for name in ("num_beams", "num_return_sequences"):
+        if (_generation_setting(kwargs, name) or 1) > 1:
+            raise InputError(f"generate with {name} > 1 routes several candidates per prompt and keeps one; moelens "
+                             f"records one continuation per prompt (drop {name})")
     return kwargs
 
 
@@ -381,6 +525,16 @@ def right_padded(batch: list[Chunk], pad: int) -> tuple[torch.Tensor, torch.Tens
     for i, chunk in enumerate(batch):
         ids[i, : len(chunk.ids)] = torch.tensor(chunk.ids)
         mask[i, : len(chunk.ids)] = 1
+    return ids, mask
+
+
+def left_padded(batch: list[Chunk], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, S], attention_mask [B, S])`` on the CPU, padded on the left: every row's next token is in the
+    last column, as batched generation needs."""
+    ids, mask = right_padded(batch, pad)
+    for i, chunk in enumerate(batch):
+        shift = ids.shape[1] - len(chunk.ids)
+        ids[i], mask[i] = ids[i].roll(shift), mask[i].roll(shift)
     return ids, mask
 
 

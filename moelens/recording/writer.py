@@ -6,7 +6,10 @@ accumulated, then written in one transaction (so a sequence's tokens, routing an
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,6 +47,72 @@ class RunWriter:
         self.store.append(self.run_id, merged)
         self._blocks.clear()
         self._pending_tokens = 0
+
+
+#: A unit of recorded work, run on the writer thread: waits for its host copies, returns
+#: ``(tables, n_tokens, n_sequences)`` for `RunWriter.add`.
+Job = Callable[[], tuple[dict[str, dict], int, int]]
+
+
+class BackgroundWriter:
+    """Runs `Job`s on one writer thread and appends what they build through a `RunWriter`.
+
+    The recorder only launches forwards and queues their (still in flight) device-to-host copies, so on an
+    accelerator the next forward starts while this thread waits for the copies, builds columns and writes.
+    The queue holds at most ``max_pending`` jobs: a recorder faster than its writer blocks instead of
+    holding ever more routing in memory. ``max_pending=0`` runs each job at once in the caller (no thread).
+
+    A job that raises stops the writing: the error is raised again in the caller, by the next `submit` or
+    on leaving the context, so a run is never marked complete over a lost block. Leaving the context on an
+    exception (Ctrl-C included) drops the queued jobs; the thread is always joined.
+    """
+
+    def __init__(self, writer: RunWriter, max_pending: int = 2):
+        if max_pending < 0:
+            raise ValueError("max_pending must be >= 0")
+        self.writer = writer
+        self._queue: queue.Queue[Job | None] | None = queue.Queue(maxsize=max_pending) if max_pending else None
+        self._error: BaseException | None = None
+        self._abandon = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="moelens-writer", daemon=True) if self._queue else None
+
+    def __enter__(self) -> BackgroundWriter:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (blocks while ``max_pending`` jobs wait); raises the error of an earlier job."""
+        self._raise_error()
+        if self._queue is None:
+            self._run(job)
+        else:
+            self._queue.put(job)
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._thread is not None:
+            if exc_type is not None:
+                self._abandon.set()
+            self._queue.put(None)
+            self._thread.join()
+        if exc_type is None:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, job: Job) -> None:
+        tables, n_tokens, n_sequences = job()
+        self.writer.add(tables, n_tokens=n_tokens, n_sequences=n_sequences)
+
+    def _drain(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None and not self._abandon.is_set():  # after a failure: consume, never block the caller
+                try:
+                    self._run(job)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                    self._error = exc
 
 
 def _merge(blocks: list[dict]) -> dict:
