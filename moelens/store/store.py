@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -298,6 +299,9 @@ class TraceStore:
             con.execute("BEGIN TRANSACTION")
             for table in RUN_TABLES:
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [int(run_id)])
+            derived = con.execute("SELECT table_name FROM information_schema.tables WHERE table_name LIKE 'summar%'").fetchall()
+            for (table,) in derived:  # summary_<name> tables and their registry
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [int(run_id)])
             con.execute("DELETE FROM runs WHERE run_id = ?", [int(run_id)])
             con.execute("COMMIT")
 
@@ -316,6 +320,47 @@ class TraceStore:
                 written.append(path)
         return written
 
+    # -- derived summaries (minimal version for the analysis; the layout work owns the final one) -----
+
+    def write_summary(self, run_id: int, name: str, table: pa.Table) -> None:
+        """Replace run ``run_id``'s rows of the derived table ``summary_<name>`` with ``table`` (no run_id
+        column: it is added here), and record that the summary is materialised. One transaction."""
+        target = _summary_table(name)
+        self.run(run_id)
+        if "run_id" in table.column_names:
+            raise ValueError("a summary table must not have a run_id column; the store adds it")
+        rows = table.add_column(0, "run_id", pa.array(np.full(table.num_rows, run_id, np.int32)))
+        with self.connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.register("_moelens_summary", rows)
+                con.execute(f"CREATE TABLE IF NOT EXISTS {target} AS SELECT * FROM _moelens_summary LIMIT 0")
+                con.execute(f"DELETE FROM {target} WHERE run_id = ?", [int(run_id)])
+                con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM _moelens_summary")
+                con.unregister("_moelens_summary")
+                con.execute("CREATE TABLE IF NOT EXISTS summaries (run_id INTEGER, name VARCHAR, written_at TIMESTAMP)")
+                con.execute("DELETE FROM summaries WHERE run_id = ? AND name = ?", [int(run_id), name])
+                con.execute("INSERT INTO summaries VALUES (?, ?, current_timestamp)", [int(run_id), name])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def read_summary(self, run_id: int, name: str) -> pa.Table | None:
+        """Run ``run_id``'s rows of ``summary_<name>`` (without run_id), or None if not materialised."""
+        target = _summary_table(name)
+        if name not in self.summary_names(run_id):
+            return None
+        with self.connect() as con:
+            return con.sql(f"SELECT * EXCLUDE (run_id) FROM {target} WHERE run_id = ?", params=[int(run_id)]).to_arrow_table()
+
+    def summary_names(self, run_id: int) -> set[str]:
+        """Names of the summaries materialised for a run."""
+        with self.connect() as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'summaries'").fetchone()[0]:
+                return set()
+            return {r[0] for r in con.execute("SELECT name FROM summaries WHERE run_id = ?", [int(run_id)]).fetchall()}
+
     # -- queries -------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
@@ -327,6 +372,13 @@ class TraceStore:
         """Run a read query and return an Arrow table (zero-copy into numpy for numeric columns)."""
         with self.connect() as con:
             return con.sql(sql, params=params or None).to_arrow_table()
+
+
+def _summary_table(name: str) -> str:
+    """``summary_<name>``, for names that are plain identifiers (they are spliced into SQL)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"summary names are lower-case identifiers, not {name!r}")
+    return f"summary_{name}"
 
 
 def _sql_path(path: Path) -> str:
