@@ -355,6 +355,6 @@ def stream_partials(chunked: Chunked, stream: RunStream, source_b: Any = None, r
     if not chunked.paired:
         yield from stream.batches(text=chunked.text, logits_layer=chunked.logits_layer)
         return
-    with RunStream(source_b, int(run_b), phase=stream.phase, shard=stream.shard) as other:  # type: ignore[arg-type]
+    with RunStream(source_b, int(run_b), phase=stream.phase) as other:  # type: ignore[arg-type]
         for batch in stream.batches(text=chunked.text, logits_layer=chunked.logits_layer):
             yield batch, other.read(seq_range(batch))

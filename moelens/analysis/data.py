@@ -204,6 +204,8 @@ class RoutingData:
     def segment_starts(self) -> np.ndarray:
         """int64[S+1] bounds of runs of consecutive tokens (same sequence, pos + 1): the spans inside which
         windows and consecutive pairs are taken (a phase filter or a gap splits a sequence)."""
+        if self.n_tokens == 0:
+            return np.zeros(1, np.int64)
         return np.r_[0, np.flatnonzero(~self.next_is_consecutive) + 1, self.n_tokens].astype(np.int64)
 
     @cached_property

@@ -237,7 +237,7 @@ def _is(column: pa.ChunkedArray, value: str) -> np.ndarray:
 def _layer_table(con: Any, run_id: int, run: dict[str, Any]) -> pd.DataFrame:
     """Layer ids with E and k: from the ``layers`` table, else the run row, else the routing itself."""
     layers = con.execute(
-        "SELECT layer, n_experts, top_k FROM layers WHERE run_id = ? ORDER BY layer", [run_id]
+        "SELECT DISTINCT layer, n_experts, top_k FROM layers WHERE run_id = ? ORDER BY layer", [run_id]
     ).df()
     if layers.empty or layers[["n_experts", "top_k"]].isna().any().any():
         seen = con.execute(

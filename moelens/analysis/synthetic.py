@@ -9,6 +9,7 @@ Every score then has something non-trivial to find, and the generator is fully v
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,3 +185,37 @@ def _chunk(data: RoutingData, text: np.ndarray, a: int, b: int) -> dict[str, dic
             "gate": data.shared_gate[:, a:b].ravel(),
         }
     return tables
+
+
+def write_parquet_run(folder: Any, data: RoutingData, *, run_id: int = 1, n_shards: int = 2, model: str = "synthetic") -> Path:
+    """Write a `RoutingData` as one complete run of the partitioned Parquet layout,
+    ``folder/<table>/run_id=R/shard=S/part-0.parquet`` (hive partitioning; a sequence never spans shards;
+    ``runs`` and ``layers`` in shard 0), for tests and benchmarks of the distributed engine."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(folder)
+
+    def put(table: str, shard: int, columns: dict[str, Any]) -> None:
+        part = out / table / f"run_id={run_id}" / f"shard={shard}"
+        part.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({k: pa.array(v) for k, v in columns.items()}), part / "part-0.parquet", compression="zstd")
+
+    now = datetime.datetime.now()
+    put("runs", 0, {"model": [model], "status": ["complete"], "created_at": [now], "finished_at": [now], "n_layers": [data.n_layers],
+                    "n_experts": [int(data.n_experts.max(initial=0))], "top_k": [int(data.top_k.max(initial=0))]})  # fmt: skip
+    put("layers", 0, {"layer": data.layer_ids, "n_experts": data.n_experts, "top_k": data.top_k})
+    seq_ids, starts = np.unique(data.seq_id, return_index=True)
+    names = np.array([*data.label_names, None], dtype=object)
+    bounds = np.r_[starts, data.n_tokens]
+    text = data.token_text()
+    for shard, seqs in enumerate(np.array_split(np.arange(len(seq_ids)), n_shards)):
+        if not len(seqs):
+            continue
+        a, b = int(bounds[seqs[0]]), int(bounds[seqs[-1] + 1])
+        put("sequences", shard, {"seq_id": seq_ids[seqs], "label": list(names[data.label[starts[seqs]]]), "n_tokens": np.diff(bounds)[seqs]})
+        for table, columns in _chunk(data, text, a, b).items():
+            put(table, shard, {k: (list(v) if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in columns.items()})
+    return out

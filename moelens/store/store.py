@@ -58,6 +58,10 @@ class TraceStore:
         self.read_only = read_only
         self._session: duckdb.DuckDBPyConnection | None = None
         self.lock_timeout = lock_timeout
+        self.parquet = self.path.is_dir() and (self.path / "runs").is_dir()
+        if self.parquet:  # the partitioned layout: read-only, DuckDB queries the files in place
+            self.read_only = True
+            return
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder; give the path of a .duckdb file inside it, e.g. {self.path / 'moelens.duckdb'}")
         if read_only and not self.path.exists():
@@ -93,6 +97,10 @@ class TraceStore:
         """A short-lived connection; retries while another process holds the lock."""
         if self._session is not None and not write:
             yield self._session
+            return
+        if self.parquet and not write:
+            with _parquet_views(self.path) as con:
+                yield con
             return
         if write and self.read_only:
             raise StoreError(f"{self.path} was opened read-only; open it with read_only=False to change it")
@@ -320,6 +328,13 @@ class TraceStore:
                 written.append(path)
         return written
 
+    def shard_ids(self, run_id: int) -> list[int]:
+        """Shards of a run in the partitioned Parquet layout ([0] for a DuckDB file: one shard)."""
+        if not self.parquet:
+            return [0]
+        folder = self.path / "tokens" / f"run_id={int(run_id)}"
+        return sorted(int(p.name.split("=", 1)[1]) for p in folder.glob("shard=*")) if folder.is_dir() else []
+
     # -- derived summaries (minimal version for the analysis; the layout work owns the final one) -----
 
     def write_summary(self, run_id: int, name: str, table: pa.Table) -> None:
@@ -356,6 +371,8 @@ class TraceStore:
 
     def summary_names(self, run_id: int) -> set[str]:
         """Names of the summaries materialised for a run."""
+        if self.parquet:
+            return set()
         with self.connect() as con:
             if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'summaries'").fetchone()[0]:
                 return set()
@@ -372,6 +389,27 @@ class TraceStore:
         """Run a read query and return an Arrow table (zero-copy into numpy for numeric columns)."""
         with self.connect() as con:
             return con.sql(sql, params=params or None).to_arrow_table()
+
+
+@contextlib.contextmanager
+def _parquet_views(folder: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection with one view per table of a partitioned Parquet dataset
+    (``folder/<table>/run_id=R/shard=S/*.parquet``, hive partitioning); empty tables where a folder is
+    absent. Minimal reader of the scale-out layout (the layout work owns export and import)."""
+    con = duckdb.connect()
+    try:
+        for table in ("runs", *RUN_TABLES):
+            files = folder / table
+            if any(files.rglob("*.parquet")):
+                glob = _sql_path(files / "**" / "*.parquet")
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)")
+            else:
+                con.register("_moelens_empty", ARROW_SCHEMAS[table].empty_table() if table in ARROW_SCHEMAS else pa.table({"run_id": pa.array([], pa.int32())}))
+                con.execute(f"CREATE TABLE {table} AS SELECT *, 0 AS shard FROM _moelens_empty")
+                con.unregister("_moelens_empty")
+        yield con
+    finally:
+        con.close()
 
 
 def _summary_table(name: str) -> str:
