@@ -123,6 +123,9 @@ def record(
                              read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                         max_sequences=max_sequences, logits=logits, generate=generate, name=name, model_name=model_name)
+    from moelens.analysis.summaries import summarize  # recording never imports analysis; the command does
+
+    summarize(store, run_id)
     info = store.runs().set_index("run_id").loc[run_id]
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
 

@@ -14,6 +14,7 @@ from moelens.store import DEFAULT_DB
 
 def register(app: typer.Typer) -> None:
     app.command("analyze")(analyze)
+    app.command("summarize")(summarize)
     demo_app = typer.Typer(help="The bundled demo: record it and open the workbench, or rebuild it.",
                            invoke_without_command=True, no_args_is_help=False)
     demo_app.callback(invoke_without_command=True)(demo)
@@ -47,6 +48,8 @@ def analyze(
     param: list[str] = typer.Option(None, "--param", "-p", help="Score parameter key=value (repeatable), e.g. -p target=next."),
     limit: int = typer.Option(40, "--limit", help="Rows shown in table format (csv/json are complete)."),
     list_scores: bool = typer.Option(False, "--list", help="List the available scores."),
+    engine: str = typer.Option("local", "--engine", help="local (stream the run in this process) | ray (map the shards of a Parquet store on Ray)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --engine ray (default: start a local one)."),
 ) -> None:
     """Compute a routing score over a recorded run (load, specialization, SRP, nPMI, ...)."""
     import pandas as pd
@@ -67,8 +70,26 @@ def analyze(
         if complete.empty:
             raise MoelensError(f"{db} has no complete run to analyse; record one first (moelens demo --no-app)")
         run = int(complete["run_id"].iloc[-1])
-    df = run_score(store, run, score, **_parse_params(param))
+    how = {} if engine == "local" else {"engine": engine, "address": address}
+    df = run_score(store, run, score, **_parse_params(param), **how)
     emit(df.head(limit) if fmt == "table" else df, fmt, title=f"{score} · run {run}")
+
+
+def summarize(
+    run: int = typer.Argument(..., help="Run id (list them with: moelens runs)."),
+    db: Path = typer.Option(DEFAULT_DB, "--db", help="Trace store (DuckDB file)."),
+) -> None:
+    """(Re)build a run's derived summaries (per-expert counts, co-activation, transitions, token counts) in
+    one pass over its routing; `moelens record` and the demo do this when a run completes."""
+    from moelens.analysis.summaries import summarize as build
+    from moelens.cli import console
+    from moelens.store import TraceStore
+
+    store = TraceStore(db)
+    if store.run(run)["status"] != "complete":
+        raise MoelensError(f"run {run} is not complete; only completed runs are summarised")
+    tables = build(store, run)
+    console.print(f"[green]run {run}[/]: {', '.join(f'{k} ({t.num_rows:,} rows)' for k, t in tables.items())} -> {db}")
 
 
 def demo(

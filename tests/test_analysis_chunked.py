@@ -7,6 +7,7 @@ ordering fixes."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -222,3 +223,17 @@ def test_committee_long_format_full_ties_go_to_the_lower_expert() -> None:
         [("A", 5, 0.5, 1), ("A", 2, 0.5, 1), ("A", 9, 0.7, 0)], columns=["domain", "expert_idx", "expert_weight", "topk_rank"]
     ).assign(layer=0)
     assert A.committee_lists_from_long(rows, list_length=2)["expert"].tolist() == [9, 2]
+
+
+def test_cli_summarize_and_ray_engine(tmp_path, ray_cluster) -> None:
+    from test_cli import moelens
+
+    db = tmp_path / "t.duckdb"
+    data = A.synthetic(600, 2, 8, 2, seed=1, seq_len=50)
+    run = A.write_run(TraceStore(db), data)
+    out = moelens("summarize", str(run), "--db", str(db))
+    assert "expert_counts" in out.stdout and TraceStore(db).summary_names(run) == set(NAMES)
+    folder = write_parquet_run(tmp_path / "ds", data, run_id=2, n_shards=2)
+    got = moelens("analyze", "layer_balance", "--run", "2", "--db", str(folder), "--engine", "ray", "--format", "csv")
+    assert pd.read_csv(io.StringIO(got.stdout))["entropy"].tolist() == pytest.approx(A.layer_balance(data)["entropy"].tolist())
+    assert moelens("analyze", "expert_load", "--run", str(run), "--db", str(db), "--engine", "ray", check=False).returncode == 1

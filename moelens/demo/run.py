@@ -65,6 +65,11 @@ def run_demo(db: str | Path, *, open_app: bool = True, max_tokens: int | None = 
     else:
         console.print(f"recording the demo model over {len(docs)} held-out documents ...")
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+    from moelens.analysis.summaries import summarize  # recording never imports analysis; the command does
+
+    for name, run_id in runs.items():
+        if name not in have:
+            summarize(store, run_id)
     if open_app:
         from moelens.app_launcher import launch
 
