@@ -67,6 +67,10 @@ class Chunked:
         sampling stride); default: unchanged."""
         return self
 
+    def select_sequences(self, seq_ids: np.ndarray) -> np.ndarray | None:
+        """bool per seq_id: the only sequences `map` needs (None = all), so the stream reads no others."""
+        return None
+
     def map(self, batch: Any) -> Any:
         raise NotImplementedError
 
@@ -118,6 +122,11 @@ class Keyed:
         if sum(len(k) for k, _ in out._parts) > 2 * max(out._grouped_rows, 1 << 16):
             out._group()
         return out
+
+    def grouped(self) -> Keyed:
+        """Self with repeated keys reduced now (call in `map` to keep a batch's partial small)."""
+        self._group()
+        return self
 
     def _group(self) -> None:
         keys = np.concatenate([k for k, _ in self._parts])
@@ -313,6 +322,9 @@ def _in_memory(
     ctx = _data_context(data)
     chunked = chunked.prepare(ctx)
     ctx = replace(ctx, chunked=chunked)
+    wanted = chunked.select_sequences(np.unique(data.seq_id))
+    if wanted is not None:
+        data = data.select(np.isin(data.seq_id, np.unique(data.seq_id)[wanted]))
     parts: list[Any] = [data] if batches is None or data.n_tokens == 0 else split_sequences(data, batches)
     if chunked.paired:
         other = resolve(source_b, run_b, phase=phase)
@@ -338,6 +350,7 @@ def _streamed(
         ctx = Context(stream.meta, stream.n_tokens, stream.sequences())
         chunked = chunked.prepare(ctx)
         ctx = replace(ctx, chunked=chunked)
+        stream.restrict(chunked.select_sequences(stream.seq_ids))
         partial = chunked.from_summaries(store, ctx) if engine == "local" else None
         if partial is None and engine == "ray":
             from moelens.analysis.distributed import map_shards

@@ -136,7 +136,8 @@ class RoutingData:
 
     @classmethod
     def from_store(cls, store: Any, run_id: int, *, phase: str | None = None) -> RoutingData:
-        """Load run ``run_id`` of a `TraceStore` (cached: a second call on an unchanged file is free)."""
+        """Load the whole run ``run_id`` of a `TraceStore` (cached by its completion time, so a second call on a
+        completed run is free). Scores stream a run in batches instead; this is for small runs and views."""
         from moelens.analysis.loading import load_run
 
         return load_run(store, run_id, phase=phase)

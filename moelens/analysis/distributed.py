@@ -22,6 +22,7 @@ def map_shard(path: str, run: int, shard: int, phase: str | None, chunked: Chunk
 
     store = TraceStore(path, read_only=True)
     with RunStream(store, run, phase=phase, shard=shard, target_slots=target_slots) as stream:
+        stream.restrict(chunked.select_sequences(stream.seq_ids))
         return merge_all(chunked, (chunked.map(p) for p in stream_partials(chunked, stream, store if run_b is not None else None, run_b)))
 
 

@@ -1,9 +1,11 @@
-"""Load one run of a `TraceStore` into a `RoutingData`, fast, and keep recent runs cached.
+"""Read a `TraceStore` run, or a range of its sequences, into a `RoutingData`, fast.
 
-Why this shape: a run of 1M tokens × 16 layers × top-2 is 32M routing rows. Sorting them in SQL or looping
-over them in Python takes minutes; instead the routing table is streamed as Arrow record batches (bounded
-memory, no ORDER BY) and each batch is scattered straight into the dense ``[layer, token, rank]`` arrays at
-``token index = sequence offset + pos``. Token and sequence tables are small (one row per token/sequence).
+Why this shape: a run of 1M tokens × 48 layers × top-8 is 400M routing rows. Sorting them in SQL or looping
+over them in Python takes minutes; instead the routing rows (of the whole run, or of ``seq_id BETWEEN ? AND
+?`` for one batch of the stream) are read as Arrow record batches (bounded memory, no ORDER BY) and each is
+scattered straight into the dense ``[layer, token, rank]`` arrays at ``token index = sequence offset + pos``.
+Scores stream batches (`moelens.analysis.stream`); a whole-run load (`load_run`) is for small runs, tests
+and token-level views, and is cached by (store path, run id, finished_at): a completed run never changes.
 """
 
 from __future__ import annotations

@@ -71,13 +71,16 @@ class SchCurves(Chunked):
             raise InputError(f"sample_every must be >= 1, got {stride}")
         return replace(self, sample_every=stride)
 
+    def select_sequences(self, seq_ids: np.ndarray) -> np.ndarray:
+        return sampled_sequences(seq_ids, int(self.sample_every or 1))
+
     def map(self, batch: RoutingData) -> dict[str, Any]:
         caches = _caches(batch, self.level)
         begin, end = batch.segment_starts[:-1], batch.segment_starts[1:]
         chosen = sampled_sequences(batch.seq_id[begin], int(self.sample_every or 1))
         calls = [(access, begin[chosen], end[chosen], E, max(m, 1), policy == "sch") for _, access, E, _ in caches for policy, m in self.policies]
         curves = parallel_map(jit(stack_hits), calls)
-        return {"curves": [(c, np.int64(u)) for c, u in curves], "segments": np.array([len(begin), int(chosen.sum())])}
+        return {"curves": [(c, np.int64(u)) for c, u in curves]}
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data, stride = ctx.meta, int(self.sample_every or 1)
@@ -95,10 +98,11 @@ class SchCurves(Chunked):
         df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
         if self.level == "model":
             df = df.drop(columns="layer")
-        total, chosen = (int(v) for v in partial["segments"])
+        total = len(ctx.sequences)
+        chosen = int(self.select_sequences(ctx.sequences["seq_id"].to_numpy()).sum())
         return result(
             df, data, "sch", lookahead=list(self.lookahead), level=self.level, lru=self.lru, sample_every=stride,
-            sampled=(f"sequences whose hashed seq_id is divisible by {stride} ({chosen} of {total} segments)" if stride > 1 else "every sequence"),
+            sampled=(f"sequences whose hashed seq_id is divisible by {stride} ({chosen} of {total})" if stride > 1 else "every sequence"),
             access_order="stored rank order (descending gate weight)", bootstrap_ci="not computed",
             reference="moe-lrc (arXiv 2505.16056) src/41_sch_calc.py calc_fsf, 50_chr_calc.py calc_lru; metrics.md §8",
         )  # fmt: skip

@@ -73,7 +73,7 @@ class RunSummary(Chunked):
                 )
             routed = (exp >= 0) & (tok >= 0)[:, None]
             keys = (((tok * _P + phase)[:, None]) * E + exp)[routed]
-            out["token_experts"].append(Keyed(keys, {"count": np.ones(len(keys), np.int64), "first": order[:, : exp.shape[1]][routed]}, {"count": "sum", "first": "min"}))
+            out["token_experts"].append(Keyed(keys, {"count": np.ones(len(keys), np.int64), "first": order[:, : exp.shape[1]][routed]}, {"count": "sum", "first": "min"}).grouped())
             bits = bitsets(exp, E)
             has_any = bits.any(axis=1)
             valid, same = first_choice_repeats(batch, li, pairs)

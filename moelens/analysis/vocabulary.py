@@ -69,8 +69,8 @@ class TokenExpertCounts(Chunked):
             columns, reducers = {"count": np.ones(len(keys), np.int64)}, {"count": "sum"}
             if order is not None:
                 columns["first"], reducers["first"] = order[:, : exp.shape[1]][routed], "min"
-            layers.append(Keyed(keys, columns, reducers))
-        return {"n_x": n_x, "layers": layers}
+            layers.append(Keyed(keys, columns, reducers).grouped())
+        return {"n_x": n_x.grouped(), "layers": layers}
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
         from moelens.analysis.summaries import token_expert_counts
