@@ -374,7 +374,7 @@ class TraceStore:
         if self.parquet:
             return set()
         with self.connect() as con:
-            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'summaries'").fetchone()[0]:
+            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'summaries'").fetchall()[0][0]:
                 return set()
             return {r[0] for r in con.execute("SELECT name FROM summaries WHERE run_id = ?", [int(run_id)]).fetchall()}
 
