@@ -170,8 +170,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analysis_scale.md")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
     parser.add_argument("--smoke", action="store_true", help="only a few scores (check the script)")
+    parser.add_argument("--skip", nargs="*", default=[], help="scores to leave out")
     opts = parser.parse_args()
     scores = {k: SCORES[k] for k in ("expert_load", "coactivation", "sch")} if opts.smoke else SCORES
+    scores = {k: v for k, v in scores.items() if k not in opts.skip}
     load = os.getloadavg()
     lines = [
         "# Analysis at scale: chunked scores on 48 × 128 × top-8 traces",
