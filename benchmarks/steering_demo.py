@@ -1,7 +1,7 @@
 """Disable each domain's most specialised experts in the demo model and compare with random experts.
 
 For every domain D of the demo corpus: record the routing of one half of the held-out documents, rank the
-(layer, expert) pairs by nPMI with "token belongs to a D document" (moelens.analysis.npmi, metrics.md §10.4),
+(layer, expert) pairs by nPMI with "token belongs to a D document",
 disable the top N (reroute mode) and evaluate on the other half of the held-out documents with
 `run_experiment`: D's loss change against N random experts in the same layers (several seeds) and against the
 change in the other domains. Selecting and evaluating on different documents keeps the selection honest.

@@ -1,8 +1,8 @@
 """Tiny random-weight MoE models and a local tokenizer, for tests, benchmarks and notebooks.
 
 Nothing here touches the network: models are built from configs (``AutoConfig.for_model``) and the tokenizer
-is a character-level ``tokenizers`` model built in memory. The per-architecture recipes are the verified ones of
-``transformers-moe.md`` §11.1; every other ``model_type`` goes through the generic shrinker of §11.2, which only
+is a character-level ``tokenizers`` model built in memory. The per-architecture recipes are hand-checked ones
+(each builds and routes under transformers 5); every other ``model_type`` goes through a generic shrinker, which only
 overrides keywords the default config already has (so the architecture's own defaults stay meaningful).
 """
 
@@ -46,7 +46,7 @@ _MLA: dict[str, Any] = dict(  # DeepSeek multi-head latent attention: needs kv h
     num_key_value_heads=4,
 )
 
-# Verified recipes (§11.1). DBRX and Switch name their keywords differently, so they do not take _COMMON.
+# Verified recipes. DBRX and Switch name their keywords differently, so they do not take _COMMON.
 _RECIPES: dict[str, dict[str, Any]] = {
     "mixtral": {**_COMMON, "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -118,7 +118,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Generic shrinker (§11.2): applied only to keywords the default config already has.
+# Generic shrinker: applied only to keywords the default config already has.
 _SHRINK: dict[str, Any] = {
     "vocab_size": 128,
     "hidden_size": 64,
@@ -188,7 +188,7 @@ TINY_MODEL_TYPES: tuple[str, ...] = (
 
 
 def _shrink(defaults: dict[str, Any]) -> dict[str, Any]:
-    """Shrinker keywords for a default config: only keys it has, plus the two list-cutting rules of §11.2."""
+    """Shrinker keywords for a default config: only keys it has, plus the two list-cutting rules below."""
     kw = {key: value for key, value in _SHRINK.items() if key in defaults}
     if "num_key_value_heads" in defaults:
         kw["num_key_value_heads"] = 4 if "kv_lora_rank" in defaults else 2  # MLA needs kv heads == heads

@@ -1,4 +1,4 @@
-"""Deliberately simple, slow, per-token reference implementations of the routing scores (metrics.md),
+"""Deliberately simple, slow, per-token reference implementations of the routing scores,
 written independently of `moelens.analysis` (plain Python lists, dicts and Counters; no shared helpers),
 used as oracles by the property tests in ``tests/test_analysis_properties.py``.
 
@@ -76,7 +76,7 @@ def load(trace: Trace, layer: int) -> dict[str, float]:
     }
 
 
-# -- domain (§2, demo-model.md) -----------------------------------------------------------------------
+# -- domain -----------------------------------------------------------------------
 
 
 def domain_spec(trace: Trace, layer: int, top1: bool = False) -> dict[tuple[str, int], float]:

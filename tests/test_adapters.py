@@ -16,7 +16,7 @@ from moelens.adapters import SUPPORTED_MODEL_TYPES, RouterCall, RoutingCapture, 
 from moelens.errors import NotMoEError
 from moelens.tiny import TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
 
-# Variants with dense layers, so that list position != layer index (transformers-moe.md §11.1).
+# Variants with dense layers, so that list position != layer index.
 DENSE_VARIANTS: dict[str, tuple[str, dict[str, Any], set[int]]] = {
     "deepseek_v3-dense": ("deepseek_v3", dict(num_hidden_layers=3, first_k_dense_replace=1), {1, 2}),
     "qwen2_moe-dense": ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[0]), {1, 2}),

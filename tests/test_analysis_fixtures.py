@@ -1,4 +1,4 @@
-"""Every score on the hand-computed fixtures of metrics.md (§15 toy, §15.3 8-token SRP, §8.6 SCH fixture A,
+"""Every score on the hand-computed fixtures of the papers' definitions (§15 toy, §15.3 8-token SRP, §8.6 SCH fixture A,
 §9.4 CommitteeAudit, §11.3-adjacent RD toy, §5.2 adjacent-pair example)."""
 
 from __future__ import annotations

@@ -75,13 +75,23 @@ def test_synthetic_round_trip_equals_arrays(store: TraceStore) -> None:
     pd.testing.assert_frame_equal(phase, A.repetition(data, phase="generated"), check_dtype=False)
 
 
-def test_cache_hits_and_invalidates(store: TraceStore) -> None:
+def test_cache_is_keyed_by_run_completion_not_file(store: TraceStore) -> None:
     A.clear_cache()
     run = _toy_run(store)
     first = RoutingData.from_store(store, run)
+    load = A.expert_load(store, run)
     assert RoutingData.from_store(TraceStore(store.path, read_only=True), run) is first
-    _toy_run(store)  # the file changes
-    assert RoutingData.from_store(store, run) is not first
+    _toy_run(store)  # another run changes the file: the completed run stays cached
+    assert RoutingData.from_store(store, run) is first
+    store.delete_run(2)
+    store.delete_run(run)
+    again = _toy_run(store)  # same run id, a new completion time: nothing stale is served
+    assert again == run and RoutingData.from_store(store, run) is not first
+    pd.testing.assert_frame_equal(A.expert_load(store, run), load)
+    recording = store.create_run("live", n_experts=4, top_k=2)
+    store.append(recording, {"layers": {"layer": [0], "n_experts": [4], "top_k": [2]},
+                             "tokens": {"seq_id": [0], "pos": [0], "token_id": [1]}})  # fmt: skip
+    assert RoutingData.from_store(store, recording) is not RoutingData.from_store(store, recording)  # not cached while recording
 
 
 def test_run_agreement_across_runs_in_one_store(store: TraceStore) -> None:

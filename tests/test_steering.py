@@ -2,7 +2,7 @@
 
 Routing is read with the adapters' `RoutingCapture` (what `record` stores) and, for gate scales, with a pre-hook on
 the experts module (what the experts actually receive). A slot counts as routed only with a non-zero weight and an
-expert id >= 0 (weight-0 slots and Switch capacity drops are not routed, metrics.md §0).
+expert id >= 0.
 """
 
 from __future__ import annotations

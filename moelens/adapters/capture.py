@@ -1,6 +1,6 @@
 """Capture the routing each router actually used, with read-only forward hooks.
 
-The hooks decode the router's own output (``transformers-moe.md`` §4) with a few tensor ops and keep detached
+The hooks decode the router's own output with a few tensor ops and keep detached
 copies; they never recompute top-k from logits (DeepSeek-V3 biases, Switch capacity drops and ties make that
 wrong) and never change a tensor the model uses, so outputs are bitwise identical with and without capture.
 Copies stay on the model's device until ``pop`` so that a GPU forward is not synchronised once per layer;

@@ -2,7 +2,7 @@
 
 transformers 5.x models declare the modules that produce router logits in ``_can_record_outputs`` (for their own
 ``output_router_logits``). Reading those declarations, instead of hard-coding module paths, covers every
-architecture that transformers can record router logits for (``transformers-moe.md`` §2.1). Layers are keyed by
+architecture that transformers can record router logits for. Layers are keyed by
 the model's own block index, parsed from the router's module name, never by call order or list position.
 """
 

@@ -1,7 +1,6 @@
 """Which output layout a router has ("family"), and a short description of each model's routing function.
 
-The family decides how a router's output is decoded into ``(experts [T, k], weights [T, k], logits [T, E])``
-(``transformers-moe.md`` §4). It is read from what transformers itself declares: the ``index`` of the router
+The family decides how a router's output is decoded into ``(experts [T, k], weights [T, k], logits [T, E])``. It is read from what transformers itself declares: the ``index`` of the router
 logits in the router's output tuple (``_can_record_outputs``), plus one structural check for DBRX, whose router
 returns bare logits and leaves top-k to the enclosing block.
 """

@@ -2,13 +2,17 @@
 
 Every score is ``score(source, run=None, **params) -> pandas.DataFrame`` where ``source`` is a
 `TraceStore` (with ``run`` = run id) or a `RoutingData`; results are tidy (long) tables whose
-``df.attrs["params"]`` names the score, run, phase and parameters. Definitions, edge cases and references:
+``df.attrs["params"]`` names the score, run, phase and parameters. Each score is a `Chunked` map → merge →
+finish over batches of whole sequences (`iter_batches`), so a run of any size streams through in bounded
+memory; ``engine="ray"`` maps the shards of a partitioned Parquet store on Ray. `summarize` stores the
+derived summaries that the count-based scores finish from. Definitions, edge cases and references:
 each function's docstring, which cites its paper (arXiv id) and reference code. `SCORES` / `run_score` list and run them by
 name. No torch, transformers or streamlit here; umap and numba are imported only by the functions that
 need them.
 """
 
 from moelens.analysis.agreement import run_agreement
+from moelens.analysis.chunked import Chunked, Context, compute, compute_partial
 from moelens.analysis.coactivation import coactivation
 from moelens.analysis.committee import audit_committee, committee_lists, committee_lists_from_long, committee_share, standing_committee
 from moelens.analysis.data import PHASES, RoutingData
@@ -25,6 +29,8 @@ from moelens.analysis.risk import risk_difference
 from moelens.analysis.router_stats import router_stats, router_token_stats
 from moelens.analysis.sch import sch
 from moelens.analysis.srp import srp
+from moelens.analysis.stream import iter_batches
+from moelens.analysis.summaries import summarize
 from moelens.analysis.synthetic import synthetic, write_run
 from moelens.analysis.transitions import cross_layer_consistency, cross_layer_transitions
 from moelens.analysis.vocabulary import expert_top_tokens, vocabulary_by_expert, vocabulary_specialization
@@ -37,6 +43,8 @@ __all__ = [
     "man",
     "reap",
     "PHASES",
+    "Chunked",
+    "Context",
     "SCORES",
     "ParamSpec",
     "RoutingData",
@@ -47,6 +55,8 @@ __all__ = [
     "committee_lists",
     "committee_lists_from_long",
     "committee_share",
+    "compute",
+    "compute_partial",
     "cross_layer_consistency",
     "cross_layer_transitions",
     "domain_specialization",
@@ -56,6 +66,7 @@ __all__ = [
     "expert_map",
     "expert_profiles",
     "expert_top_tokens",
+    "iter_batches",
     "layer_balance",
     "npmi",
     "npmi_combined",
@@ -69,6 +80,7 @@ __all__ = [
     "shared_expert_stats",
     "srp",
     "standing_committee",
+    "summarize",
     "synthetic",
     "token_map",
     "vocabulary_by_expert",

@@ -72,6 +72,15 @@ def group_expert_counts(
     return counts.reshape(n_groups, n_experts)
 
 
+def label_groups(data: RoutingData, by_label: bool) -> tuple[np.ndarray, int]:
+    """Each token's group and the number of groups: its label code with unlabelled tokens last (group D),
+    or one group of every token."""
+    if not by_label:
+        return np.zeros(data.n_tokens, np.int64), 1
+    D = len(data.label_names)
+    return np.where(data.label >= 0, data.label, D).astype(np.int64), D + 1
+
+
 def consecutive_pairs(data: RoutingData) -> np.ndarray:
     """Indices t of the consecutive token pairs (t, t+1) inside one sequence (never across
     sequences; with all phases pooled the prompt→generation pair is included)."""

@@ -7,10 +7,15 @@ differ (and depend on rank order) for k > 2, so the adjacent one is labelled as 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis._common import group_expert_counts, result
+from moelens.analysis.chunked import Chunked, Context, compute
+from moelens.analysis.data import RoutingData
 from moelens.analysis.npmi import npmi_from_counts
 from moelens.errors import InputError
 
@@ -39,37 +44,63 @@ def pair_counts(experts: np.ndarray, n_experts: int, variant: str = "all") -> np
     return square + square.T
 
 
-def coactivation(source: Source, run: int | None = None, *, phase: str | None = None, variant: str = "all") -> pd.DataFrame:
+@dataclass(frozen=True)
+class CoactivationCounts(Chunked):
+    """Per layer ``[E]`` tokens per expert and ``[E, E]`` pair counts, and the token total. Per-batch
+    counting also keeps the bincount's working set small (one batch's keys, not the run's)."""
+
+    variant: str = "all"
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        if self.variant not in VARIANTS:
+            raise InputError(f"variant must be one of {list(VARIANTS)}, not {self.variant!r}")
+        return {
+            "n_tokens": batch.n_tokens,
+            "n": [group_expert_counts(batch.experts[li], int(E))[0] for li, E in enumerate(batch.n_experts)],
+            "n_ij": [pair_counts(batch.experts[li], int(E), self.variant) for li, E in enumerate(batch.n_experts)],
+        }
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        from moelens.analysis.summaries import coactivation_counts
+
+        return coactivation_counts(store, ctx) if self.variant == "all" else None
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
+        data = ctx.meta
+        frames = []
+        for li, layer in enumerate(data.layer_ids):
+            E, k = int(data.n_experts[li]), int(data.top_k[li])
+            n, n_ij = partial["n"][li], partial["n_ij"][li]
+            i, j = np.nonzero(~np.eye(E, dtype=bool))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "layer": int(layer),
+                            "expert_i": i,
+                            "expert_j": j,
+                            "n_i": n[i],
+                            "n_ij": n_ij[i, j],
+                            "p_j_given_i": n_ij[i, j] / n[i],
+                            "jaccard": n_ij[i, j] / (n[i] + n[j] - n_ij[i, j]),
+                            "npmi": npmi_from_counts(n_ij[i, j], n[i], n[j], partial["n_tokens"])[1],
+                            "baseline": (k - 1) / (E - 1) if E > 1 else np.nan,
+                        }
+                    )
+                )
+        columns = ["layer", "expert_i", "expert_j", "n_i", "n_ij", "p_j_given_i", "jaccard", "npmi", "baseline"]
+        df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+        return result(
+            df, data, "coactivation", variant=self.variant, variant_label=VARIANTS.get(self.variant),
+            reference="OLMoE (arXiv 2409.02060) §5 / scripts/run_moe_analysis.py do_coactivation_analysis",
+        )  # fmt: skip
+
+
+def coactivation(source: Any, run: int | None = None, *, phase: str | None = None, variant: str = "all", **how: Any) -> pd.DataFrame:
     """Per layer and ordered pair i ≠ j: ``n_i`` tokens with i in the top-k, ``n_ij`` co-occurrences,
     ``p_j_given_i`` = n_ij / n_i (asymmetric), ``jaccard`` = n_ij / (n_i + n_j − n_ij), expert–expert
     ``npmi`` (§10.4) and the uniform ``baseline`` (k−1)/(E−1). ``variant='adjacent'`` reproduces OLMoE's
     ``do_coactivation_analysis`` (rank-adjacent pairs only)."""
-    data = resolve(source, run, phase=phase)
-    frames = []
-    for li, layer in enumerate(data.layer_ids):
-        E, k = int(data.n_experts[li]), int(data.top_k[li])
-        n = group_expert_counts(data.experts[li], E)[0]
-        n_ij = pair_counts(data.experts[li], E, variant)
-        i, j = np.nonzero(~np.eye(E, dtype=bool))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "layer": int(layer),
-                        "expert_i": i,
-                        "expert_j": j,
-                        "n_i": n[i],
-                        "n_ij": n_ij[i, j],
-                        "p_j_given_i": n_ij[i, j] / n[i],
-                        "jaccard": n_ij[i, j] / (n[i] + n[j] - n_ij[i, j]),
-                        "npmi": npmi_from_counts(n_ij[i, j], n[i], n[j], data.n_tokens)[1],
-                        "baseline": (k - 1) / (E - 1) if E > 1 else np.nan,
-                    }
-                )
-            )
-    columns = ["layer", "expert_i", "expert_j", "n_i", "n_ij", "p_j_given_i", "jaccard", "npmi", "baseline"]
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
-    return result(
-        df, data, "coactivation", variant=variant, variant_label=VARIANTS.get(variant),
-        reference="OLMoE (arXiv 2409.02060) §5 / scripts/run_moe_analysis.py do_coactivation_analysis",
-    )  # fmt: skip
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {list(VARIANTS)}, not {variant!r}")
+    return compute(CoactivationCounts(variant), source, run, phase=phase, **how)

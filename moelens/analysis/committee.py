@@ -14,13 +14,15 @@ wrong for E = 8 or any E not in {64, 128, 256}); the reference's value is report
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from math import ceil
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis._common import group_expert_counts, result
+from moelens.analysis.chunked import HOW, Chunked, High, Low, compute_partial
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.errors import InputError
 
@@ -35,23 +37,37 @@ def contribution_index(experts: np.ndarray, weights: np.ndarray, n_experts: int,
     ``minmax``: f_i · mean_x (W_xi − min_x W_xi) / (max_x W_xi − min_x W_xi + 1e-6) with W_xi the gate weight
     if selected else 0; ``frequency``: f_i; ``expected``: mean_x W_xi. (§9.1; ECI fixture §9.4.)
     """
+    stats = eci_stats(experts, weights, np.zeros(len(experts), np.int64), 1, n_experts)
+    return eci_from_stats(*(v[0] for v in stats), variant)
+
+
+def eci_stats(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int) -> tuple[np.ndarray, ...]:
+    """The mergeable statistics of the ECI per group: units N [G], selections and gate mass [G, E] (sums),
+    largest weight (max) and smallest selected weight (min) [G, E]."""
+    n = np.bincount(group[group >= 0], minlength=n_groups)
+    selected = group_expert_counts(experts, n_experts, group, n_groups)
+    mass = group_expert_counts(experts, n_experts, group, n_groups, weights=weights)
+    routed = (experts >= 0) & (group >= 0)[:, None]
+    key = (np.broadcast_to(group[:, None], experts.shape).astype(np.int64) * n_experts + experts)[routed]
+    w = weights[routed].astype(np.float64)
+    top = np.zeros(n_groups * n_experts)
+    np.maximum.at(top, key, w)  # a column with an unselected unit also holds 0 (weights are >= 0)
+    low = np.full(n_groups * n_experts, np.inf)
+    np.minimum.at(low, key, w)
+    return n, selected, mass, top.reshape(n_groups, n_experts), low.reshape(n_groups, n_experts)
+
+
+def eci_from_stats(n: Any, selected: np.ndarray, mass: np.ndarray, top: np.ndarray, low: np.ndarray, variant: str) -> np.ndarray:
+    """ECI of one group from its `eci_stats`."""
     if variant not in ECI_VARIANTS:
         raise InputError(f"eci must be one of {ECI_VARIANTS}, not {variant!r}")
-    N = len(experts)
+    N = int(n)
     if N == 0:
-        return np.zeros(n_experts)
-    selected = group_expert_counts(experts, n_experts)[0]
+        return np.zeros(len(selected))
     if variant == "frequency":
         return selected / N
-    mass = group_expert_counts(experts, n_experts, weights=weights)[0]
     if variant == "expected":
         return mass / N
-    routed = experts >= 0
-    e, w = experts[routed].astype(np.int64), weights[routed].astype(np.float64)
-    top = np.zeros(n_experts)
-    np.maximum.at(top, e, w)  # a column with an unselected unit also holds 0 (weights are >= 0)
-    low = np.full(n_experts, np.inf)
-    np.minimum.at(low, e, w)
     low = np.where(selected == N, low, 0.0)
     return (mass - N * low) / (top - low + 1e-6) / N * (selected / N)
 
@@ -68,8 +84,42 @@ def unit_tokens(data: RoutingData, unit: str) -> np.ndarray:
     return prompt[last]
 
 
+@dataclass(frozen=True)
+class EciStats(Chunked):
+    """Per layer the `eci_stats` of each label's units (the partial of Stage I)."""
+
+    unit: str = "last_prompt_token"
+
+    def map(self, batch: RoutingData) -> list[tuple[Any, ...]]:
+        units = unit_tokens(batch, self.unit)
+        label, D = batch.label[units], len(batch.label_names)
+        out = []
+        for li, E in enumerate(batch.n_experts):
+            n, selected, mass, top, low = eci_stats(batch.experts[li, units], batch.weights[li, units], label, D, int(E))
+            out.append((n, selected, mass, High(top), Low(low)))
+        return out
+
+
+def _lists_table(stats: list[tuple[Any, ...]], data: RoutingData, eci: str, list_length: int | None, decimals: int | None) -> pd.DataFrame:
+    """Stage I rows from merged `EciStats`: experts ordered by the unrounded ECI (ties: lower id)."""
+    frames = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        K = min(int(list_length or data.top_k[li]), E)
+        n, selected, mass, top, low = stats[li]
+        for d, name in enumerate(data.label_names):
+            if not n[d]:
+                continue
+            value = eci_from_stats(n[d], selected[d], mass[d], top.value[d], low.value[d], eci)
+            order = np.lexsort((np.arange(E), -value))[:K]  # unrounded, as torch.topk in the reference
+            shown = value[order] if decimals is None else np.round(value[order], decimals)
+            frames.append(pd.DataFrame({"layer": int(layer), "domain": name, "rank": np.arange(1, K + 1), "expert": order, "value": shown}))
+    columns = ["layer", "domain", "rank", "expert", "value"]
+    return pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+
+
 def committee_lists(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     eci: str = "minmax",
@@ -77,29 +127,26 @@ def committee_lists(
     unit: str = "last_prompt_token",
     decimals: int | None = 4,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """Stage I: per (layer, label) the top ``list_length`` experts by ECI (default: the layer's k) as rows
-    (layer, domain, rank 1.., expert, value), values rounded to ``decimals`` as the reference table (None
-    keeps full precision); ties by expert id. Unlabelled units are left out."""
-    data = resolve(source, run, phase=phase)
-    units = unit_tokens(data, unit)
-    label = data.label[units]
-    frames = []
-    for li, layer in enumerate(data.layer_ids):
-        E = int(data.n_experts[li])
-        K = min(int(list_length or data.top_k[li]), E)
-        for d, name in enumerate(data.label_names):
-            rows = units[label == d]
-            if not len(rows):
-                continue
-            value = contribution_index(data.experts[li, rows], data.weights[li, rows], E, eci)
-            if decimals is not None:
-                value = np.round(value, decimals)
-            order = np.lexsort((np.arange(E), -value))[:K]
-            frames.append(pd.DataFrame({"layer": int(layer), "domain": name, "rank": np.arange(1, K + 1), "expert": order, "value": value[order]}))
-    columns = ["layer", "domain", "rank", "expert", "value"]
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+    (layer, domain, rank 1.., expert, value). Experts are ordered by the unrounded ECI (full ties: lower
+    expert id), and only then are values rounded to ``decimals`` as the reference table (None keeps full
+    precision). Unlabelled units are left out."""
+    df, data = _lists(source, run, eci, list_length, unit, decimals, phase, how)
     return result(df, data, "committee_lists", eci=eci, list_length=list_length, unit=unit, decimals=decimals, reference=_REFERENCE)
+
+
+def _lists(
+    source: Any, run: int | None, eci: str, list_length: int | None, unit: str, decimals: int | None, phase: str | None, how: Any
+) -> tuple[pd.DataFrame, RoutingData]:
+    """Stage I lists and the run's token-free metadata."""
+    if eci not in ECI_VARIANTS:
+        raise InputError(f"eci must be one of {ECI_VARIANTS}, not {eci!r}")
+    if unit not in UNITS:
+        raise InputError(f"unit must be one of {UNITS}, not {unit!r}")
+    stats, ctx = compute_partial(EciStats(unit), source, run, phase=phase, **how)
+    return _lists_table(stats, ctx.meta, eci, list_length, decimals), ctx.meta
 
 
 def reference_pool(max_expert_id: int) -> int:
@@ -115,7 +162,8 @@ def audit_committee(lists: pd.DataFrame, *, presence_ratio: float = 0.8, n_exper
     rank, expert, value; expert -1 = padding). Per layer: each expert's 1-based position in every domain's
     list, K + 1 where absent (K = the layer's list length; the reference takes the first list's length, the
     same when all lists are equally long); μ, population σ², presence, avg_eci = Σ value / D (D = distinct
-    domains in the input); candidates present in ≥ ceil(γ·D) domains (else the most present); committee =
+    domains in the input); candidates are the experts present in at least ceil(γ·D) domains, exactly as
+    defined (γ = ``presence_ratio``; e.g. γ = 0.8 and D = 4 needs all 4), else the most present; committee =
     Pareto-minimal (μ, σ²) candidates sorted by μ; coverage = Σ committee avg_eci / mean list mass; ratio =
     (coverage/|C|) / ((1 − coverage)/(E − |C|)) with the true E (``n_experts``, per layer or one int; the
     reference's inferred pool if not given) and ``ratio_reference_pool`` with the pool the reference infers
@@ -192,12 +240,13 @@ def _ratio(coverage: float, size: int, pool: int) -> float:
 def committee_lists_from_long(rows: pd.DataFrame, *, agg: str = "mean", list_length: int | None = None) -> pd.DataFrame:
     """Ordered lists from the reference's long-format input (layer, domain, expert_idx, expert_weight
     [, topk_rank]): weight aggregated per (layer, domain, expert) with ``agg`` (mean over the rows where the
-    expert appears, sum or median), sorted by it (ties by mean rank), cut to K = ``list_length``, else
+    expert appears, sum or median), sorted by it (ties by mean rank, full ties by the lower expert id: the
+    reference's ``groupby`` sorts its keys and its sort is stable), cut to K = ``list_length``, else
     max(topk_rank) + 1, else the most distinct experts in any group, padded with expert -1 / 0.0 (§9.2)."""
     if agg not in ("mean", "sum", "median"):
         raise InputError(f"agg must be mean, sum or median, not {agg!r}")
     has_rank = "topk_rank" in rows
-    grouped = rows.groupby(["layer", "domain", "expert_idx"], sort=False).agg(
+    grouped = rows.groupby(["layer", "domain", "expert_idx"], sort=True).agg(
         value=("expert_weight", agg), mean_rank=("topk_rank" if has_rank else "expert_weight", "mean" if has_rank else "size")
     ).reset_index()
     if not has_rank:
@@ -218,7 +267,7 @@ def committee_lists_from_long(rows: pd.DataFrame, *, agg: str = "mean", list_len
 
 
 def standing_committee(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     eci: str = "minmax",
@@ -227,12 +276,12 @@ def standing_committee(
     unit: str = "last_prompt_token",
     decimals: int | None = 4,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """Stage I lists (`committee_lists`) audited by Stage III (`audit_committee`) with the run's true E per
     layer. Per layer: committee (expert ids, by μ), size, avg_mu, avg_sigma_sq, coverage, ratio,
     ratio_reference_pool (the reference's guessed E). Needs at least one label."""
-    data = resolve(source, run, phase=phase)
-    lists = committee_lists(data, eci=eci, list_length=list_length, unit=unit, decimals=decimals)
+    lists, data = _lists(source, run, eci, list_length, unit, decimals, phase, how)
     if lists.empty:
         raise InputError(
             f"no labelled units to profile (unit={unit!r}): the standing committee needs labelled sequences"
@@ -245,8 +294,24 @@ def standing_committee(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ShareCounts(Chunked):
+    """Per layer ``[D, E]`` routed slots and gate mass over each label's units, and ``[D]`` units."""
+
+    unit: str = "token"
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        units = unit_tokens(batch, self.unit)
+        label, D = batch.label[units], len(batch.label_names)
+        return {
+            "n_units": np.bincount(label[label >= 0], minlength=D),
+            "counts": [group_expert_counts(batch.experts[li, units], int(E), label, D) for li, E in enumerate(batch.n_experts)],
+            "mass": [group_expert_counts(batch.experts[li, units], int(E), label, D, weights=batch.weights[li, units]) for li, E in enumerate(batch.n_experts)],
+        }  # fmt: skip
+
+
 def committee_share(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     committee: pd.DataFrame | Mapping[int, Any] | None = None,
@@ -256,29 +321,26 @@ def committee_share(
 ) -> pd.DataFrame:
     """Per (layer, label): the committee's ``count_share`` of routed slots and ``mass_share`` of gate mass
     over the label's units (all tokens by default). ``committee`` is a `standing_committee` result or
-    {layer: [experts]}; by default it is computed with ``committee_params``. [moelens] (the paper's
-    "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
-    data = resolve(source, run, phase=phase)
+    {layer: [experts]}; by default it is computed with ``committee_params`` (a second pass). [moelens]
+    (the paper's "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
+    how = {k: committee_params.pop(k) for k in list(committee_params) if k in HOW}
     if committee is None:
-        committee = standing_committee(data, **committee_params)
+        committee = standing_committee(source, run, phase=phase, **committee_params, **how)
     members = dict(zip(committee["layer"], committee["committee"])) if isinstance(committee, pd.DataFrame) else dict(committee)
-    units = unit_tokens(data, unit)
-    label = data.label[units]
+    partial, ctx = compute_partial(ShareCounts(unit), source, run, phase=phase, **how)
+    data = ctx.meta
     D = len(data.label_names)
-    n_units = np.bincount(label[label >= 0], minlength=D)
     frames = []
     for li, layer in enumerate(data.layer_ids):
         E = int(data.n_experts[li])
         chosen = np.zeros(E, bool)
         chosen[list(members.get(int(layer), []))] = True
-        exp, w = data.experts[li, units], data.weights[li, units]
-        counts = group_expert_counts(exp, E, label, D)
-        mass = group_expert_counts(exp, E, label, D, weights=w)
+        counts, mass = partial["counts"][li], partial["mass"][li]
         with np.errstate(invalid="ignore", divide="ignore"):
             frames.append(
                 pd.DataFrame(
                     {"layer": int(layer), "label": list(data.label_names), "committee": [sorted(members.get(int(layer), []))] * D,
-                     "n_units": n_units, "count_share": counts[:, chosen].sum(axis=1) / counts.sum(axis=1),
+                     "n_units": partial["n_units"], "count_share": counts[:, chosen].sum(axis=1) / counts.sum(axis=1),
                      "mass_share": mass[:, chosen].sum(axis=1) / mass.sum(axis=1)}
                 )
             )  # fmt: skip

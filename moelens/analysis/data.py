@@ -136,7 +136,8 @@ class RoutingData:
 
     @classmethod
     def from_store(cls, store: Any, run_id: int, *, phase: str | None = None) -> RoutingData:
-        """Load run ``run_id`` of a `TraceStore` (cached: a second call on an unchanged file is free)."""
+        """Load the whole run ``run_id`` of a `TraceStore` (cached by its completion time, so a second call on a
+        completed run is free). Scores stream a run in batches instead; this is for small runs and views."""
         from moelens.analysis.loading import load_run
 
         return load_run(store, run_id, phase=phase)
@@ -204,6 +205,8 @@ class RoutingData:
     def segment_starts(self) -> np.ndarray:
         """int64[S+1] bounds of runs of consecutive tokens (same sequence, pos + 1): the spans inside which
         windows and consecutive pairs are taken (a phase filter or a gap splits a sequence)."""
+        if self.n_tokens == 0:
+            return np.zeros(1, np.int64)
         return np.r_[0, np.flatnonzero(~self.next_is_consecutive) + 1, self.n_tokens].astype(np.int64)
 
     @cached_property

@@ -1,5 +1,4 @@
-"""Domain specialization (OLMoE §5) and the per-layer "is the routing meaningful?" summary
-(demo-model.md).
+"""Domain specialization and the per-layer "is the routing meaningful?" summary.
 
 Why a summary beside the per-expert table: max specialization alone overlaps between random-init and
 trained models (domains differ in token statistics), so the summary leads with mutual information, JS
@@ -8,17 +7,84 @@ divergence and purity, and reports every rate next to its chance value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, consecutive_pairs, entropy, group_expert_counts, resolve, result
+from moelens.analysis._common import consecutive_pairs, entropy, group_expert_counts, result
+from moelens.analysis.chunked import Chunked, Context, compute
+from moelens.analysis.data import RoutingData
 from moelens.analysis.repetition import first_choice_repeats
 
 
+def _label_tokens(batch: RoutingData) -> np.ndarray:
+    return np.bincount(batch.label[batch.label >= 0], minlength=len(batch.label_names))
+
+
+@dataclass(frozen=True)
+class DomainCounts(Chunked):
+    """Per layer ``[D, E]`` label × expert counts and ``[E]`` overall counts (top-k, or first choices), and
+    ``[D]`` label tokens."""
+
+    top1: bool = False
+    pseudocount: float = 1.0
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        D = len(batch.label_names)
+        slots = [batch.experts[li, :, :1] if self.top1 else batch.experts[li] for li in range(batch.n_layers)]
+        return {
+            "n_d": _label_tokens(batch),
+            "by_label": [group_expert_counts(x, int(E), batch.label, D) for x, E in zip(slots, batch.n_experts)],
+            "overall": [group_expert_counts(x, int(E))[0] for x, E in zip(slots, batch.n_experts)],
+        }
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        from moelens.analysis.summaries import domain_counts
+
+        return domain_counts(store, ctx, self.top1)
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
+        data = ctx.meta
+        D = len(data.label_names)
+        n_d = partial["n_d"].astype(np.float64)
+        frames = []
+        for li, layer in enumerate(data.layer_ids):
+            E = int(data.n_experts[li])
+            by_label, overall = partial["by_label"][li], partial["overall"][li]
+            baseline = (1.0 if self.top1 else float(data.top_k[li])) / E
+            alpha = self.pseudocount
+            share_d = (by_label + alpha) / (by_label.sum(axis=1, keepdims=True) + alpha * E)
+            share_all = (overall + alpha) / (overall.sum() + alpha * E)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                spec = by_label / n_d[:, None]
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "layer": int(layer),
+                            "expert": np.tile(np.arange(E), D),
+                            "label": np.repeat(np.array(data.label_names, dtype=object), E),
+                            "n_label_tokens": np.repeat(n_d.astype(np.int64), E),
+                            "count": by_label.ravel(),
+                            "spec": spec.ravel(),
+                            "baseline": baseline,
+                            "lift": (spec / baseline).ravel(),
+                            "log2_ratio": np.log2(share_d / share_all).ravel(),
+                        }
+                    )
+                )
+        columns = ["layer", "expert", "label", "n_label_tokens", "count", "spec", "baseline", "lift", "log2_ratio"]
+        df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+        return result(
+            df, data, "domain_specialization", top1=self.top1, pseudocount=self.pseudocount,
+            reference="OLMoE (arXiv 2409.02060) §5, scripts/run_routing_analysis.py",
+        )  # fmt: skip
+
+
 def domain_specialization(
-    source: Source, run: int | None = None, *, phase: str | None = None, top1: bool = False, pseudocount: float = 1.0
+    source: Any, run: int | None = None, *, phase: str | None = None, top1: bool = False, pseudocount: float = 1.0, **how: Any
 ) -> pd.DataFrame:
     """Per (layer, expert, label): ``spec`` = N_{E,D} / N_D, the share of the label's tokens that have the
     expert in their top-k (rank 0 only with ``top1``), against ``baseline`` k/E (1/E), ``lift`` =
@@ -27,46 +93,60 @@ def domain_specialization(
     ``scripts/run_routing_analysis.py``. Unlabelled tokens count only in the
     overall load.
     """
-    data = resolve(source, run, phase=phase)
-    D = len(data.label_names)
-    n_d = np.bincount(data.label[data.label >= 0], minlength=D).astype(np.float64)
-    frames = []
-    for li, layer in enumerate(data.layer_ids):
-        E = int(data.n_experts[li])
-        slots = data.experts[li, :, :1] if top1 else data.experts[li]
-        by_label = group_expert_counts(slots, E, data.label, D)
-        overall = group_expert_counts(slots, E)[0]
-        baseline = (1.0 if top1 else float(data.top_k[li])) / E
-        alpha = pseudocount
-        share_d = (by_label + alpha) / (by_label.sum(axis=1, keepdims=True) + alpha * E)
-        share_all = (overall + alpha) / (overall.sum() + alpha * E)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spec = by_label / n_d[:, None]
-            frames.append(
-                pd.DataFrame(
+    return compute(DomainCounts(top1, pseudocount), source, run, phase=phase, **how)
+
+
+@dataclass(frozen=True)
+class DomainSummary(Chunked):
+    """Per layer: label × expert top-k and first-choice counts, pooled first-choice and top-k counts, and
+    the consecutive-pair first-choice repeat counts."""
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        D = len(batch.label_names)
+        pairs = consecutive_pairs(batch)
+        out: dict[str, Any] = {"n_d": _label_tokens(batch), "topk": [], "top1": [], "q": [], "used": [], "pairs": []}
+        for li, E in enumerate(batch.n_experts):
+            E = int(E)
+            valid, same = first_choice_repeats(batch, li, pairs)
+            out["topk"].append(group_expert_counts(batch.experts[li], E, batch.label, D))
+            out["top1"].append(group_expert_counts(batch.experts[li, :, :1], E, batch.label, D))
+            out["q"].append(group_expert_counts(batch.experts[li, :, :1], E)[0])
+            out["used"].append(group_expert_counts(batch.experts[li], E)[0])
+            out["pairs"].append(np.array([valid.sum(), same.sum()], np.int64))
+        return out
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
+        data = ctx.meta
+        n_d = partial["n_d"].astype(np.float64)
+        rows = []
+        for li, layer in enumerate(data.layer_ids):
+            E = int(data.n_experts[li])
+            topk, top1, q = partial["topk"][li], partial["top1"][li], partial["q"][li]
+            valid, same = partial["pairs"][li]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                spec = topk / n_d[:, None]
+                used = spec.sum(axis=0) > 0
+                rows.append(
                     {
                         "layer": int(layer),
-                        "expert": np.tile(np.arange(E), D),
-                        "label": np.repeat(np.array(data.label_names, dtype=object), E),
-                        "n_label_tokens": np.repeat(n_d.astype(np.int64), E),
-                        "count": by_label.ravel(),
-                        "spec": spec.ravel(),
-                        "baseline": baseline,
-                        "lift": (spec / baseline).ravel(),
-                        "log2_ratio": np.log2(share_d / share_all).ravel(),
+                        "n_labels": int((n_d > 0).sum()),
+                        "mi_ratio": _mi_ratio(top1),
+                        "js_bits": _mean_js_bits(topk),
+                        "purity": float((spec.max(axis=0)[used] / spec.sum(axis=0)[used]).mean()) if used.any() else np.nan,
+                        "chance_purity": 1.0 / (n_d > 0).sum() if (n_d > 0).any() else np.nan,
+                        "max_spec": float(np.nanmax(spec)) if (n_d > 0).any() else np.nan,
+                        "uniform_spec": float(data.top_k[li]) / E,
+                        "dead_experts": int((partial["used"][li] == 0).sum()),
+                        "same_top1": float(same / valid) if valid else np.nan,
+                        "uniform_top1": 1.0 / E,
+                        "sum_sq_top1": float(((q / q.sum()) ** 2).sum()) if q.sum() else np.nan,
                     }
                 )
-            )
-    columns = ["layer", "expert", "label", "n_label_tokens", "count", "spec", "baseline", "lift", "log2_ratio"]
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
-    return result(
-        df, data, "domain_specialization", top1=top1, pseudocount=pseudocount,
-        reference="OLMoE (arXiv 2409.02060) §5, scripts/run_routing_analysis.py",
-    )  # fmt: skip
+        return result(pd.DataFrame(rows), data, "domain_summary", reference="[moelens] is the routing meaningful: MI, JS divergence, purity over labels (OLMoE arXiv 2409.02060 §5)")
 
 
-def domain_summary(source: Source, run: int | None = None, *, phase: str | None = None) -> pd.DataFrame:
-    """Per layer, the routing-quality table of demo-model.md:
+def domain_summary(source: Any, run: int | None = None, *, phase: str | None = None, **how: Any) -> pd.DataFrame:
+    """Per layer, the routing-quality table of the bundled demo (README, "The bundled demo"):
 
     * ``mi_ratio`` = MI(label; top-1 expert) / H(label) over labelled tokens with a first choice;
     * ``js_bits`` = mean pairwise Jensen–Shannon divergence (bits) of the labels' top-k load-share vectors;
@@ -76,37 +156,7 @@ def domain_summary(source: Source, run: int | None = None, *, phase: str | None 
     * ``dead_experts`` (no routed slot in the data), ``same_top1`` = consecutive same first choice rate
       against ``uniform_top1`` = 1/E and the i.i.d. expectation ``sum_sq_top1`` = Σ q² of first-choice shares.
     """
-    data = resolve(source, run, phase=phase)
-    D = len(data.label_names)
-    n_d = np.bincount(data.label[data.label >= 0], minlength=D).astype(np.float64)
-    pairs = consecutive_pairs(data)
-    rows = []
-    for li, layer in enumerate(data.layer_ids):
-        E = int(data.n_experts[li])
-        topk = group_expert_counts(data.experts[li], E, data.label, D)
-        top1 = group_expert_counts(data.experts[li, :, :1], E, data.label, D)
-        q = group_expert_counts(data.experts[li, :, :1], E)[0]
-        valid, same = first_choice_repeats(data, li, pairs)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spec = topk / n_d[:, None]
-            used = spec.sum(axis=0) > 0
-            rows.append(
-                {
-                    "layer": int(layer),
-                    "n_labels": int((n_d > 0).sum()),
-                    "mi_ratio": _mi_ratio(top1),
-                    "js_bits": _mean_js_bits(topk),
-                    "purity": float((spec.max(axis=0)[used] / spec.sum(axis=0)[used]).mean()) if used.any() else np.nan,
-                    "chance_purity": 1.0 / (n_d > 0).sum() if (n_d > 0).any() else np.nan,
-                    "max_spec": float(np.nanmax(spec)) if (n_d > 0).any() else np.nan,
-                    "uniform_spec": float(data.top_k[li]) / E,
-                    "dead_experts": int((group_expert_counts(data.experts[li], E)[0] == 0).sum()),
-                    "same_top1": float(same.sum() / valid.sum()) if valid.any() else np.nan,
-                    "uniform_top1": 1.0 / E,
-                    "sum_sq_top1": float(((q / q.sum()) ** 2).sum()) if q.sum() else np.nan,
-                }
-            )
-    return result(pd.DataFrame(rows), data, "domain_summary", reference="[moelens] is the routing meaningful: MI, JS divergence, purity over labels (OLMoE arXiv 2409.02060 §5)")
+    return compute(DomainSummary(), source, run, phase=phase, **how)
 
 
 def _mi_ratio(joint_counts: np.ndarray) -> float:

@@ -1,65 +1,119 @@
 """2-D maps: experts placed by what they process, tokens placed by their router logits. [moelens]
 
 Why: with L·E experts (16 × 64 = 1024 for OLMoE), tables stop being readable; a UMAP of (layer, expert)
-profiles shows clusters of experts serving the same domain or vocabulary, across layers (peers.md §7.8).
+profiles shows clusters of experts serving the same domain or vocabulary, across layers.
 umap-learn is imported inside the functions (it takes seconds to import and compiles on first use).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis._common import group_expert_counts, result
+from moelens.analysis.chunked import Chunked, Firsts, Keyed, Lowest, compute_partial, position_hash, position_order
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
 PROFILES = ("label", "token")
 
 
-def expert_profiles(data: RoutingData, profile: str = "label", n_features: int = 256) -> tuple[pd.DataFrame, np.ndarray]:
+@dataclass(frozen=True)
+class TokenFrequency(Chunked):
+    """Occurrences per input token id (a `Keyed`; grows with the vocabulary seen)."""
+
+    def map(self, batch: RoutingData) -> Keyed:
+        ids = batch.token_id[batch.token_id >= 0].astype(np.int64)
+        return Keyed(ids, {"n": np.ones(len(ids), np.int64)}, {"n": "sum"})
+
+
+@dataclass(frozen=True)
+class ProfileCounts(Chunked):
+    """Per layer ``[D, E]`` label × expert and ``[E]`` counts, ``[D]`` label tokens; with ``features``
+    (token ids) also ``[F, E]`` feature × expert counts and each feature's first text."""
+
+    features: tuple[int, ...] | None = None
+
+    @property
+    def text(self) -> bool:  # type: ignore[override]
+        return self.features is not None
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        D = len(batch.label_names)
+        out: dict[str, Any] = {
+            "n_d": np.bincount(batch.label[batch.label >= 0], minlength=D),
+            "by_label": [group_expert_counts(batch.experts[li], int(E), batch.label, D) for li, E in enumerate(batch.n_experts)],
+            "count": [group_expert_counts(batch.experts[li], int(E))[0] for li, E in enumerate(batch.n_experts)],
+        }
+        if self.features is not None:
+            top = np.sort(np.asarray(self.features, np.int64))
+            feature = np.full(batch.n_tokens, -1, np.int64)
+            hit = np.isin(batch.token_id, top)
+            feature[hit] = np.searchsorted(top, batch.token_id[hit])
+            out["features"] = [group_expert_counts(batch.experts[li], int(E), feature, len(top)) for li, E in enumerate(batch.n_experts)]
+            ids, first = np.unique(batch.token_id[hit], return_index=True)
+            rows = np.flatnonzero(hit)[first]
+            names = batch.token_text()[rows]
+            order = position_order(batch.seq_id[rows], batch.pos[rows])
+            out["names"] = Firsts({int(i): [(int(o), t)] for i, o, t in zip(ids, order, names)}, 1)
+        return out
+
+
+def expert_profiles(
+    source: Any, run: int | None = None, profile: str = "label", n_features: int = 256, *, phase: str | None = None, **how: Any
+) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per (layer, expert): keys (layer, expert, count, dominant_label, share[, dominant_token])
     and a profile matrix whose rows are distributions (all zero for an expert with no routed token).
 
     ``label``: the expert's label specialization spec(e, D) = n_{e,D}/N_D normalised over labels (so label
     sizes do not matter); ``token``: the share of the expert's tokens that are each of the ``n_features``
-    most frequent input token ids. ``dominant_label``/``share`` always come from the label profile.
+    most frequent input token ids (ties: lower id; a first pass counts the token ids, a second the
+    profiles). ``dominant_label``/``share`` always come from the label profile.
     [moelens]; the label profile is OLMoE's domain specialization normalised per expert."""
+    keys, matrix, _ = _profiles(source, run, profile, n_features, phase, how)
+    return keys, matrix
+
+
+def _profiles(source: Any, run: int | None, profile: str, n_features: int, phase: str | None, how: Any) -> tuple[pd.DataFrame, np.ndarray, RoutingData]:
+    """`expert_profiles` and the run's token-free metadata."""
     if profile not in PROFILES:
         raise InputError(f"profile must be one of {PROFILES}, not {profile!r}")
-    D = len(data.label_names)
-    n_d = np.bincount(data.label[data.label >= 0], minlength=D)
+    features = None
     if profile == "token":
-        ids, counts = np.unique(data.token_id[data.token_id >= 0], return_counts=True)
-        top = ids[np.argsort(-counts, kind="stable")[:n_features]]
-        feature = np.full(data.n_tokens, -1, np.int64)
-        hit = np.isin(data.token_id, top)
-        feature[hit] = np.searchsorted(np.sort(top), data.token_id[hit])
-        text = data.token_text()
-        first = {int(t): text[i] for t, i in zip(*np.unique(data.token_id, return_index=True))}
-        top_text = np.array([first.get(int(t), str(t)) for t in np.sort(top)], dtype=object)
+        ids, freq = compute_partial(TokenFrequency(), source, run, phase=phase, **how)[0].table()
+        features = tuple(int(t) for t in ids[np.argsort(-freq["n"], kind="stable")[:n_features]])
+    partial, ctx = compute_partial(ProfileCounts(features), source, run, phase=phase, **how)
+    data = ctx.meta
+    D = len(data.label_names)
+    n_d = partial["n_d"]
+    if features is not None:
+        top = np.sort(np.asarray(features, np.int64))
+        names = partial["names"].items
+        top_text = np.array([names[int(t)][0][1] if int(t) in names else str(t) for t in top], dtype=object)
     keys, rows = [], []
     for li, layer in enumerate(data.layer_ids):
         E = int(data.n_experts[li])
-        by_label = group_expert_counts(data.experts[li], E, data.label, D).T.astype(np.float64)
+        by_label = partial["by_label"][li].T.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             spec = np.nan_to_num(by_label / n_d)
         label_dist = _rows_to_distributions(spec)
-        count = group_expert_counts(data.experts[li], E)[0]
         key = pd.DataFrame(
-            {"layer": int(layer), "expert": np.arange(E), "count": count,
+            {"layer": int(layer), "expert": np.arange(E), "count": partial["count"][li],
              "dominant_label": np.array(data.label_names, dtype=object)[label_dist.argmax(axis=1)] if D else None,
              "share": label_dist.max(axis=1) if D else np.nan}
         )  # fmt: skip
         key.loc[label_dist.sum(axis=1) == 0, ["dominant_label", "share"]] = [None, np.nan]
-        if profile == "token":
-            tok = _rows_to_distributions(group_expert_counts(data.experts[li], E, feature, len(top)).T.astype(np.float64))
+        if features is not None:
+            tok = _rows_to_distributions(partial["features"][li].T.astype(np.float64))
             key["dominant_token"] = np.where(tok.sum(axis=1) > 0, top_text[tok.argmax(axis=1)] if len(top) else None, None)
             rows.append(tok)
         else:
             rows.append(label_dist)
         keys.append(key)
-    return pd.concat(keys, ignore_index=True), np.vstack(rows) if rows else np.zeros((0, 0))
+    return pd.concat(keys, ignore_index=True), np.vstack(rows) if rows else np.zeros((0, 0)), data
 
 
 def _rows_to_distributions(matrix: np.ndarray) -> np.ndarray:
@@ -82,7 +136,7 @@ def _umap(points: np.ndarray, seed: int, metric: str, n_neighbors: int, min_dist
 
 
 def expert_map(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     profile: str = "label",
@@ -91,13 +145,13 @@ def expert_map(
     min_dist: float = 0.1,
     n_features: int = 256,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """UMAP (Hellinger distance, seeded) of every (layer, expert)'s profile (`expert_profiles`): columns
     layer, expert, x, y, count, dominant_label, share [, dominant_token]. Experts with no routed token keep
-    NaN coordinates. Label profiles need labelled sequences. [moelens] (peers.md §7.8; moe-vis' atlas is a
-    static t-SNE)."""
-    data = resolve(source, run, phase=phase)
-    keys, matrix = expert_profiles(data, profile, n_features)
+    NaN coordinates. Label profiles need labelled sequences. The profiles are L·E rows whatever the run's
+    size. [moelens] (thimbleberrysystems/moe-vis' "Expert Atlas" is a static t-SNE)."""
+    keys, matrix, data = _profiles(source, run, profile, n_features, phase, how)
     if profile == "label" and not data.label_names:
         raise InputError("profile='label' needs labelled sequences; use profile='token'")
     used = matrix.sum(axis=1) > 0
@@ -109,8 +163,35 @@ def expert_map(
                   n_features=n_features, metric="hellinger", reference="[moelens]; moe-vis expert atlas (t-SNE)")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LogitSample(Chunked):
+    """The ``max_tokens`` tokens with router logits at ``layer`` whose seeded position hash is lowest (a
+    `Lowest`: deterministic whatever the batch split), with their logits and descriptors."""
+
+    layer: int = 0
+    max_tokens: int = 5000
+    seed: int = 0
+    text: bool = True
+
+    @property
+    def logits_layer(self) -> int:  # type: ignore[override]
+        return self.layer
+
+    def map(self, batch: RoutingData) -> Lowest | None:
+        li = batch.layer_index(self.layer)
+        logits = batch.router_logits(self.layer)
+        if logits is None:
+            return None
+        have = np.flatnonzero(~np.isnan(logits).any(axis=1))
+        columns = {
+            "logits": logits[have], "seq_id": batch.seq_id[have], "pos": batch.pos[have], "token_id": batch.token_id[have],
+            "token": batch.token_text()[have], "label": batch.label[have], "top1": batch.experts[li, have, 0],
+        }  # fmt: skip
+        return Lowest(position_hash(batch.seq_id[have], batch.pos[have], self.seed), position_order(batch.seq_id[have], batch.pos[have]), columns, self.max_tokens)
+
+
 def token_map(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     layer: int,
@@ -119,25 +200,26 @@ def token_map(
     n_neighbors: int = 15,
     min_dist: float = 0.1,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """UMAP (cosine, seeded) of router-logit vectors of up to ``max_tokens`` sampled tokens of one layer,
     centred per token (softmax ignores shifts): columns seq_id, pos, token_id, token, label, top1 (the
-    recorded first choice), x, y. Needs logits recorded for that layer. [moelens]"""
-    data = resolve(source, run, phase=phase)
-    li = data.layer_index(layer)
-    logits = data.router_logits(layer)
-    if logits is None:
+    recorded first choice), x, y. The sample is the tokens with the lowest hash of (seq_id, pos) seeded by
+    ``seed``, so it does not depend on how the run is read; only the sample is held in memory. Needs logits
+    recorded for that layer. [moelens]"""
+    sample, ctx = compute_partial(LogitSample(int(layer), max_tokens, seed), source, run, phase=phase, **how)
+    data = ctx.meta
+    data.layer_index(layer)
+    if sample is None or not len(sample.key):
         raise InputError(f"no router logits recorded for layer {layer}; record the run with logits enabled")
-    have = np.flatnonzero(~np.isnan(logits).any(axis=1))
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(have, size=min(max_tokens, len(have)), replace=False))
-    z = logits[pick].astype(np.float64)
+    order = np.lexsort((sample.columns["pos"], sample.columns["seq_id"]))
+    cols = {k: v[order] for k, v in sample.columns.items()}
+    z = cols["logits"].astype(np.float64)
     xy = _umap(z - z.mean(axis=1, keepdims=True), seed, "cosine", n_neighbors, min_dist)
     names = np.array([*data.label_names, None], dtype=object)
     df = pd.DataFrame(
-        {"seq_id": data.seq_id[pick], "pos": data.pos[pick], "token_id": data.token_id[pick],
-         "token": data.token_text()[pick], "label": names[data.label[pick]], "top1": data.experts[li, pick, 0],
-         "x": xy[:, 0], "y": xy[:, 1]}
+        {"seq_id": cols["seq_id"], "pos": cols["pos"], "token_id": cols["token_id"], "token": cols["token"],
+         "label": names[cols["label"]], "top1": cols["top1"], "x": xy[:, 0], "y": xy[:, 1]}
     )  # fmt: skip
-    return result(df, data, "token_map", layer=layer, max_tokens=max_tokens, n_sampled=len(pick), seed=seed,
+    return result(df, data, "token_map", layer=layer, max_tokens=max_tokens, n_sampled=len(df), seed=seed,
                   n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine (centred logits)", reference="[moelens]")  # fmt: skip

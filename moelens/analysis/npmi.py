@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis._common import group_expert_counts, result
+from moelens.analysis.chunked import Chunked, Context, compute
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -60,8 +62,51 @@ def token_predicate(
     return data.label == data.label_names.index(label), f"sequence label == {label!r}"
 
 
+@dataclass(frozen=True)
+class PredicateCounts(Chunked):
+    """Per layer ``[E]`` tokens with each expert overall and among predicate positions, and the positions
+    matching the predicate and in total."""
+
+    tokens: tuple[int, ...] | None = None
+    regex: str | None = None
+    label: str | None = None
+    layer: int | None = None
+
+    @property
+    def text(self) -> bool:  # type: ignore[override]
+        return self.regex is not None
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        mask, _ = token_predicate(batch, tokens=self.tokens, regex=self.regex, label=self.label)
+        layers = range(batch.n_layers) if self.layer is None else [batch.layer_index(self.layer)]
+        return {
+            "n_x": int(mask.sum()),
+            "T": batch.n_tokens,
+            "n_e": [group_expert_counts(batch.experts[li], int(batch.n_experts[li]))[0] for li in layers],
+            "n_xe": [group_expert_counts(batch.experts[li, mask], int(batch.n_experts[li]))[0] for li in layers],
+        }
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
+        data = ctx.meta
+        _, described = token_predicate(data, tokens=self.tokens, regex=self.regex, label=self.label)
+        layers = range(data.n_layers) if self.layer is None else [data.layer_index(self.layer)]
+        frames = []
+        for i, li in enumerate(layers):
+            E = int(data.n_experts[li])
+            n_e, n_xe = partial["n_e"][i], partial["n_xe"][i]
+            pmi, value = npmi_from_counts(n_xe, partial["n_x"], n_e, partial["T"])
+            frames.append(
+                pd.DataFrame(
+                    {"layer": int(data.layer_ids[li]), "expert": np.arange(E), "n_x": int(partial["n_x"]), "n_e": n_e,
+                     "n_xe": n_xe, "pmi": pmi, "npmi": value}
+                )
+            )  # fmt: skip
+        df = pd.concat(frames).sort_values(["npmi", "layer", "expert"], ascending=[False, True, True], na_position="last")
+        return result(df, data, "npmi", predicate=described, layer=self.layer, reference=_REFERENCE)
+
+
 def npmi(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     tokens: Iterable[int] | None = None,
@@ -69,49 +114,45 @@ def npmi(
     label: str | None = None,
     layer: int | None = None,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """nPMI(x, (layer, expert)) for a token predicate x, ranked (highest first). Per layer over its T
     positions: p(x) = n_x/T, p(e) = n_e/T (tokens with e in the top-k), p(x, e) = n_xe/T; nPMI = PMI /
     −log2 p(x, e). Columns layer, expert, n_x, n_e, n_xe, pmi (bits), npmi."""
-    data = resolve(source, run, phase=phase)
-    mask, described = token_predicate(data, tokens=tokens, regex=regex, label=label)
-    layers = range(data.n_layers) if layer is None else [data.layer_index(layer)]
-    frames = []
-    for li in layers:
-        E = int(data.n_experts[li])
-        n_e = group_expert_counts(data.experts[li], E)[0]
-        n_xe = group_expert_counts(data.experts[li, mask], E)[0]
-        pmi, value = npmi_from_counts(n_xe, mask.sum(), n_e, data.n_tokens)
-        frames.append(
-            pd.DataFrame(
-                {"layer": int(data.layer_ids[li]), "expert": np.arange(E), "n_x": int(mask.sum()), "n_e": n_e,
-                 "n_xe": n_xe, "pmi": pmi, "npmi": value}
-            )
-        )  # fmt: skip
-    df = pd.concat(frames).sort_values(["npmi", "layer", "expert"], ascending=[False, True, True], na_position="last")
-    return result(df, data, "npmi", predicate=described, layer=layer, reference=_REFERENCE)
+    if sum(v is not None for v in (tokens, regex, label)) != 1:
+        raise InputError("give exactly one of tokens=[ids...], regex='...' or label='...'")
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise InputError(f"regex {regex!r} is not a valid regular expression: {exc}") from exc
+    ids = None if tokens is None else tuple(int(t) for t in tokens)
+    return compute(PredicateCounts(ids, regex, label, layer), source, run, phase=phase, **how)
 
 
 def npmi_combined(
-    source: Source,
+    source: Any,
     run: int | None = None,
     targets: Sequence[tuple[float, Mapping[str, Any]]] = (),
     *,
     layer: int | None = None,
     phase: str | None = None,
+    **how: Any,
 ) -> pd.DataFrame:
     """RICE-style composite ``score`` = Σ coef_i · nPMI(predicate_i, e) per (layer, expert), ranked globally
     (whether RICE ranks per layer or globally is unverified). ``targets`` is a list of
     ``(coef, {"tokens": [...]} | {"regex": ...} | {"label": ...})``; e.g. RICE's
     ``[(1, {"regex": "<think>"}), (-1, {"regex": "</think>"}), (-1, {"regex": "Alternatively"})]``.
-    Columns layer, expert, score, npmi_0 … npmi_{n-1}."""
+    Columns layer, expert, score, npmi_0 … npmi_{n-1}. (A composite from summaries of RICE,
+    unverified)."""
     if not targets:
         raise InputError("give targets=[(coef, {'tokens'|'regex'|'label': ...}), ...]")
-    data = resolve(source, run, phase=phase)
     merged: pd.DataFrame | None = None
     score: Any = 0.0
     for i, (coef, kwargs) in enumerate(targets):
-        part = npmi(data, layer=layer, **dict(kwargs))[["layer", "expert", "npmi"]].rename(columns={"npmi": f"npmi_{i}"})
+        full = npmi(source, run, layer=layer, phase=phase, **dict(kwargs), **how)
+        params = {k: v for k, v in full.attrs["params"].items() if k in ("run", "phase", "not_routed")}
+        part = full[["layer", "expert", "npmi"]].rename(columns={"npmi": f"npmi_{i}"})
         merged = part if merged is None else merged.merge(part, on=["layer", "expert"])
     assert merged is not None
     for i, (coef, _) in enumerate(targets):
@@ -119,4 +160,7 @@ def npmi_combined(
     merged.insert(2, "score", score)
     merged = merged.sort_values(["score", "layer", "expert"], ascending=[False, True, True], na_position="last")
     described = [(float(c), dict(kw)) for c, kw in targets]
-    return result(merged, data, "npmi_combined", targets=described, layer=layer, reference=_REFERENCE)
+    merged = merged.reset_index(drop=True)
+    merged.attrs = {}
+    merged.attrs["params"] = {"score": "npmi_combined", **params, "targets": described, "layer": layer, "reference": _REFERENCE}
+    return merged

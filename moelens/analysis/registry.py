@@ -29,6 +29,7 @@ from moelens.analysis.srp import LEVELS as SRP_LEVELS
 from moelens.analysis.srp import srp
 from moelens.analysis.transitions import cross_layer_consistency, cross_layer_transitions
 from moelens.analysis.vocabulary import TARGETS, expert_top_tokens, vocabulary_by_expert, vocabulary_specialization
+from moelens.analysis.chunked import HOW_OPTIONS
 from moelens.errors import InputError, did_you_mean
 
 
@@ -229,18 +230,19 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
     if name not in SCORES:
         raise InputError(f"unknown score {name!r}{did_you_mean(name, SCORES)}; scores are: {', '.join(SCORES)}")
     spec = SCORES[name]
+    how = {k: params.pop(k) for k in HOW_OPTIONS if k in params}  # engine options, not score parameters
     spec.check_names(params)
     if missing := spec.missing(params):
         raise InputError(f"{name} needs {', '.join(f'{p.name} ({p.help})' for p in missing)}")
     _check_data(store, run, spec, params)
     if name == "run_agreement":
         run_b = params.pop("run_b")
-        df = run_agreement(store, run, store, run_b, **params)
+        df = run_agreement(store, run, store, run_b, **params, **how)
         if df.empty or not (df["n_tokens"] > 0).any():
             raise InputError(f"runs {run} and {run_b} share no tokens (same sequence, position and token id) in a "
                              "common layer: compare runs recorded over the same inputs with the same tokenizer")
         return df
-    return spec.function(store, run, **params)
+    return spec.function(store, run, **params, **how)
 
 
 def _check_data(source: Any, run: int | None, spec: ScoreSpec, params: Mapping[str, Any]) -> None:

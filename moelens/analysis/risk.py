@@ -7,14 +7,34 @@ two prompt sets recorded separately) two runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, group_expert_counts, resolve, result
+from moelens.analysis._common import group_expert_counts, result
+from moelens.analysis.chunked import Chunked, Context, compute_partial, context
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
+
+
+@dataclass(frozen=True)
+class RiskCounts(Chunked):
+    """Per layer ``[E]`` selections over one behaviour's tokens (a label, or all), and that token count;
+    with ``limit`` = (seq_id, n) only the behaviour's tokens before the n-th token of sequence seq_id."""
+
+    label: str | None = None
+    limit: tuple[int, int] | None = None
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        rows = _tokens(batch, self.label)
+        if self.limit is not None:
+            seq, n = self.limit
+            starts = np.searchsorted(batch.seq_id, batch.seq_id[rows], side="left")
+            within = rows - starts  # kept tokens of a sequence are contiguous, so this is the index inside it
+            rows = rows[(batch.seq_id[rows] < seq) | ((batch.seq_id[rows] == seq) & (within < n))]
+        return {"n": len(rows), "a": [group_expert_counts(batch.experts[li, rows], int(E))[0] for li, E in enumerate(batch.n_experts)]}
 
 
 def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
@@ -25,8 +45,41 @@ def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
     return np.flatnonzero(data.label == data.label_names.index(label))
 
 
+def _first_tokens(ctx: Context, label: str | None, n: int) -> tuple[int, int] | None:
+    """(seq_id, tokens inside it) bounding the first ``n`` tokens of ``label`` (None = no cut needed)."""
+    seqs = ctx.sequences
+    if label is not None:
+        if label not in ctx.meta.label_names:
+            raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
+        seqs = seqs[seqs["label"] == ctx.meta.label_names.index(label)]
+    total = np.cumsum(seqs["n_tokens"].to_numpy())
+    if not len(total) or total[-1] <= n:
+        return None
+    at = int(np.searchsorted(total, n, side="left"))
+    before = int(total[at - 1]) if at else 0
+    return int(seqs["seq_id"].iloc[at]), n - before
+
+
+def _behaviour(source: Any, run: int | None, label: str | None, phase: str | None, limit: int | None, how: Any) -> tuple[dict[str, Any], Context]:
+    """Selection counts of one behaviour (its first ``limit`` tokens when given, cut where the run's
+    sequence sizes say the limit falls)."""
+    cut = None if limit is None else _first_tokens(context(source, run, phase=phase), label, limit)
+    return compute_partial(RiskCounts(label, cut), source, run, phase=phase, **how)
+
+
+def _size(source: Any, run: int | None, label: str | None, phase: str | None) -> int:
+    """Tokens of a behaviour, from the sequence sizes (no pass over routing)."""
+    ctx = context(source, run, phase=phase)
+    seqs = ctx.sequences
+    if label is not None:
+        if label not in ctx.meta.label_names:
+            raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
+        seqs = seqs[seqs["label"] == ctx.meta.label_names.index(label)]
+    return int(seqs["n_tokens"].sum())
+
+
 def risk_difference(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     label_a: str | None = None,
@@ -35,45 +88,48 @@ def risk_difference(
     run_b: int | None = None,
     phase: str | None = None,
     equalize: bool = False,
+    **how: Any,
 ) -> pd.DataFrame:
     """Per (layer, expert): a = tokens of a behaviour where the expert is selected, d = where it is not,
     ``risk_diff`` = a1/(a1+d1) − a2/(a2+d2), ``a1_n``/``a2_n`` the two rates, ranked globally by
     ``risk_diff_abs``. Behaviour 1 = ``label_a`` tokens of (source, run); behaviour 2 = ``label_b`` tokens
     of the same run, or of (``source_b`` or source, ``run_b``) when given (None = all tokens).
     ``equalize`` truncates both to the same number of tokens (SteerMoE's "eq" option, first tokens kept).
-    SteerMoE ``custom_steering.ipynb``."""
-    a = resolve(source, run, phase=phase)
+    SteerMoE ``custom_steering.ipynb``"""
     paired_runs = run_b is not None or source_b is not None
-    b = resolve(source_b if source_b is not None else source, run_b, phase=phase) if paired_runs else a
     if not paired_runs and (label_a is None or label_b is None):
         raise InputError("give label_a and label_b (two behaviours of one run), or run_b/source_b for a second run")
-    ta, tb = _tokens(a, label_a), _tokens(b, label_b)
+    second = (source_b if source_b is not None else source, run_b) if paired_runs else (source, run)
+    limit = None
     if equalize:
-        n = min(len(ta), len(tb))
-        ta, tb = ta[:n], tb[:n]
+        limit = min(_size(source, run, label_a, phase), _size(*second, label_b, phase))
+    one, ctx_a = _behaviour(source, run, label_a, phase, limit, how)
+    two, ctx_b = _behaviour(*second, label_b, phase, limit, how)
+    a, b = ctx_a.meta, ctx_b.meta
     frames = []
     for layer in np.intersect1d(a.layer_ids, b.layer_ids):
         la, lb = a.layer_index(int(layer)), b.layer_index(int(layer))
         E = int(a.n_experts[la])
         if E != int(b.n_experts[lb]):
             raise InputError(f"layer {layer}: the runs have different numbers of experts")
-        a1 = group_expert_counts(a.experts[la, ta], E)[0]
-        a2 = group_expert_counts(b.experts[lb, tb], E)[0]
+        a1, a2 = one["a"][la], two["a"][lb]
+        n1, n2 = one["n"], two["n"]
         with np.errstate(invalid="ignore", divide="ignore"):
-            rate1, rate2 = a1 / len(ta), a2 / len(tb)
+            rate1, rate2 = a1 / n1, a2 / n2
         frames.append(
             pd.DataFrame(
-                {"layer": int(layer), "expert": np.arange(E), "a1": a1, "a2": a2, "d1": len(ta) - a1,
-                 "d2": len(tb) - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
+                {"layer": int(layer), "expert": np.arange(E), "a1": a1, "a2": a2, "d1": n1 - a1,
+                 "d2": n2 - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
                  "risk_diff_abs": np.abs(rate1 - rate2)}
             )
         )  # fmt: skip
+    ta, tb = one["n"], two["n"]
     columns = ["layer", "expert", "a1", "a2", "d1", "d2", "a1_n", "a2_n", "risk_diff", "risk_diff_abs"]
     df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
     df = df.sort_values(["risk_diff_abs", "layer", "expert"], ascending=[False, True, True], na_position="last")
     return result(
         df, a, "risk_difference", label_a=label_a, label_b=label_b,
         run_b=None if not paired_runs or b.origin is None else b.origin.run_id, equalize=equalize,
-        n_tokens_a=len(ta), n_tokens_b=len(tb),
+        n_tokens_a=int(ta), n_tokens_b=int(tb),
         reference="SteerMoE (arXiv 2509.09660) custom_steering.ipynb",
     )  # fmt: skip

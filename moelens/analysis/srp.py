@@ -13,11 +13,14 @@ recomputed from bf16 logits. The bootstrap CI (§7.3) is not computed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, resolve, result
+from moelens.analysis._common import result
+from moelens.analysis.chunked import Chunked, Context, compute
 from moelens.analysis._kernels import jit, parallel_map, window_histograms
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
@@ -53,14 +56,52 @@ def srp_from_hist(hist: np.ndarray, m: int) -> dict[str, np.ndarray]:
         }
 
 
+@dataclass(frozen=True)
+class SrpHistograms(Chunked):
+    """Per (m, layer) ``[G, E, m+1]`` window-count histograms, and per group the windows per m and tokens."""
+
+    segment_lengths: tuple[int, ...] = (4, 16, 64, 256)
+    level: str = "layer"
+    by_label: bool = False
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        names, seg_group = _segment_groups(batch, self.by_label)
+        G = len(names)
+        begin, end = batch.segment_starts[:-1], batch.segment_starts[1:]
+        seg_len = end - begin
+        calls = [(batch.experts[li], begin, end, seg_group, G, int(batch.n_experts[li]), m) for m in self.segment_lengths for li in range(batch.n_layers)]
+        return {
+            "hist": parallel_map(jit(window_histograms), calls),
+            "n_win": [np.bincount(seg_group, weights=np.maximum(seg_len - m + 1, 0), minlength=G).astype(np.int64) for m in self.segment_lengths],
+            "tokens": np.bincount(seg_group, weights=seg_len, minlength=G).astype(np.int64),
+        }  # fmt: skip
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
+        data, L = ctx.meta, ctx.meta.n_layers
+        names: list[str | None] = [*data.label_names, None] if self.by_label else [None]
+        frames = []
+        for i, m in enumerate(self.segment_lengths):
+            hists = partial["hist"][i * L : (i + 1) * L]
+            frames.extend(_frames(data, hists, names, partial["n_win"][i], partial["tokens"] > 0, m, self.level))
+        df = pd.concat(frames) if frames else pd.DataFrame(columns=["m", "srp", "theta", "rho", "act_rate", "f1_theta0", "n_windows"])
+        if not self.by_label:
+            df = df.drop(columns="label")
+        return result(
+            df, data, "srp", segment_lengths=list(self.segment_lengths), level=self.level, by_label=self.by_label,
+            bootstrap_ci="not computed", windows="every stride-1 window of m tokens inside one sequence",
+            reference="moe-lrc (arXiv 2505.16056) src/30_srp_calc.py, 31_srp_refine.py",
+        )  # fmt: skip
+
+
 def srp(
-    source: Source,
+    source: Any,
     run: int | None = None,
     *,
     segment_lengths: Sequence[int] = (4, 16, 64, 256),
     phase: str | None = None,
     level: str = "layer",
     by_label: bool = False,
+    **how: Any,
 ) -> pd.DataFrame:
     """SRP for every segment length m, with micro aggregation: the per-θ counts are summed over the group
     first and θ is chosen once per group — per ``expert``, per ``layer`` (the paper's ``lg``/``ld``) or over
@@ -68,28 +109,13 @@ def srp(
     Columns [layer] [expert] [label] m, srp, theta (θ*, -1 without windows), rho (ρ̂), act_rate, f1_theta0
     (the θ = 0 baseline 2r/(1+r) at the data's activation rate r), n_windows. Windows are every stride-1
     run of m tokens inside one sequence (a phase filter splits a sequence into its prompt and generated
-    parts); a group with no window of length m gets NaN. moe-lrc ``30_srp_calc.py``/``31_srp_refine.py``."""
+    parts); a group with no window of length m gets NaN. moe-lrc ``30_srp_calc.py``/``31_srp_refine.py``"""
     if level not in LEVELS:
         raise InputError(f"level must be one of {LEVELS}, not {level!r}")
-    ms = [int(m) for m in segment_lengths]
+    ms = tuple(int(m) for m in segment_lengths)
     if any(m < 1 for m in ms):
-        raise InputError(f"segment lengths must be >= 1, got {ms}")
-    data = resolve(source, run, phase=phase)
-    names, seg_group = _segment_groups(data, by_label)
-    begin, end = data.segment_starts[:-1], data.segment_starts[1:]
-    calls = [(data.experts[li], begin, end, seg_group, len(names), int(data.n_experts[li]), m) for m in ms for li in range(data.n_layers)]
-    hists = parallel_map(jit(window_histograms), calls)
-    frames = []
-    for i, m in enumerate(ms):
-        frames.extend(_frames(data, hists[i * data.n_layers : (i + 1) * data.n_layers], names, seg_group, m, level))
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=["m", "srp", "theta", "rho", "act_rate", "f1_theta0", "n_windows"])
-    if not by_label:
-        df = df.drop(columns="label")
-    return result(
-        df, data, "srp", segment_lengths=ms, level=level, by_label=by_label, bootstrap_ci="not computed",
-        windows="every stride-1 window of m tokens inside one sequence",
-        reference="moe-lrc (arXiv 2505.16056) src/30_srp_calc.py, 31_srp_refine.py",
-    )  # fmt: skip
+        raise InputError(f"segment lengths must be >= 1, got {list(ms)}")
+    return compute(SrpHistograms(ms, level, by_label), source, run, phase=phase, **how)
 
 
 def _segment_groups(data: RoutingData, by_label: bool) -> tuple[list[str | None], np.ndarray]:
@@ -103,15 +129,11 @@ def _segment_groups(data: RoutingData, by_label: bool) -> tuple[list[str | None]
 
 
 def _frames(
-    data: RoutingData, hists: list[np.ndarray], names: list[str | None], seg_group: np.ndarray, m: int, level: str
+    data: RoutingData, hists: list[np.ndarray], names: list[str | None], n_win: np.ndarray, present: np.ndarray, m: int, level: str
 ) -> list[pd.DataFrame]:
     """Aggregate the per-layer ``[G, E, m+1]`` histograms at ``level`` into result rows (groups without
     tokens left out)."""
-    seg_len = np.diff(data.segment_starts)
     G = len(names)
-    n_win = np.bincount(seg_group, weights=np.maximum(seg_len - m + 1, 0), minlength=G).astype(np.int64)
-    present = np.bincount(seg_group, weights=seg_len, minlength=G) > 0
-
     def block(hist: np.ndarray, keys: dict[str, np.ndarray]) -> pd.DataFrame:
         X = hist.shape[1]
         stats = {k: v.ravel() for k, v in srp_from_hist(hist, m).items()}

@@ -1,6 +1,6 @@
 """Synthetic routing traces with the structure real MoE routing has, for tests, benchmarks and the app demo.
 
-Why these ingredients (peers.md §3.15, demo-model.md): real routing is far from uniform (log-normal expert
+Why these ingredients: real routing is far from uniform (log-normal expert
 popularity per layer), depends on the domain (a per-label tilt of the popularity), on the token (some
 tokens always go to "their" expert), and persists along a sequence (consecutive tokens often share experts).
 Every score then has something non-trivial to find, and the generator is fully vectorised so a 1M-token
@@ -9,6 +9,7 @@ Every score then has something non-trivial to find, and the generator is fully v
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ def synthetic(
     log-popularity, ``token_affinity`` the chance a token's first choice is its token id's fixed expert,
     ``persistence`` the chance a token copies the previous token's experts, ``generated_fraction`` the tail
     of each sequence marked as generated, ``drop_rate`` the chance a slot is capacity-dropped (-1).
-    Log-normal popularity as plumb-moe's generator (peers.md §3.15).
+    Log-normal popularity as plumb-moe's generator.
     """
     rng = np.random.default_rng(seed)
     n_seq = max(1, -(-n_tokens // seq_len))
@@ -184,3 +185,20 @@ def _chunk(data: RoutingData, text: np.ndarray, a: int, b: int) -> dict[str, dic
             "gate": data.shared_gate[:, a:b].ravel(),
         }
     return tables
+
+
+def write_parquet_run(folder: Any, data: RoutingData, *, run_id: int = 1, n_shards: int = 2, model: str = "synthetic") -> Path:
+    """Write a `RoutingData` as one complete run ``run_id`` of a partitioned Parquet dataset at ``folder``, split
+    into ``n_shards`` shards of whole sequences (for tests and benchmarks of the distributed engine): written to a
+    scratch DuckDB file by `write_run`, then exported with the store's own `export_parquet`."""
+    import tempfile
+
+    from moelens.store import TraceStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        source = TraceStore(Path(scratch) / "scratch.duckdb")
+        for _ in range(run_id - 1):  # run ids count from 1: place this run at ``run_id``
+            source.finish_run(source.create_run(model), "failed", error="placeholder")
+        run = write_run(source, data, model=model)
+        source.export_parquet(run, folder, shards=n_shards)
+    return Path(folder)

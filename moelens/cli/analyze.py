@@ -22,6 +22,8 @@ def analyze(
     limit: int = typer.Option(40, "--limit", help="Rows shown in table format (csv/json are complete)."),
     list_scores: bool = typer.Option(False, "--list", help="List the available scores."),
     show_help: bool = typer.Option(False, "--help", "-h", help="Show this message, or with SCORE, the score's parameters."),
+    engine: str = typer.Option("local", "--engine", help="local (stream the run in this process) | ray (map the shards of a Parquet store on Ray)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --engine ray (default: start a local one)."),
 ) -> None:
     """Compute a routing score over a recorded run (load, specialization, SRP, nPMI, ...)."""
     import pandas as pd
@@ -51,7 +53,10 @@ def analyze(
         if complete.empty:
             raise InputError(f"{db} has no complete run to analyse; record one first (moelens demo --no-app)")
         run = int(complete["run_id"].iloc[-1])
-    df = run_score(store, run, score, **params)
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray, not {engine!r}")
+    how = {} if engine == "local" else {"engine": engine, "address": address}
+    df = run_score(store, run, score, **params, **how)
     emit(df.head(limit) if fmt == "table" else df, fmt, title=f"{score} · run {run}")
 
 
@@ -94,3 +99,20 @@ def _default(p) -> str:
     if isinstance(p.default, (tuple, list)):
         return ",".join(map(str, p.default))
     return str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
+
+
+@app.command()
+def summarize(
+    run: int = typer.Argument(..., help="Run id (list them with: moelens runs)."),
+    db: Path = db_option(),
+) -> None:
+    """(Re)build a run's derived summaries (per-expert counts, co-activation, transitions, token counts) in
+    one pass over its routing; `moelens record` and the demo do this when a run completes."""
+    from moelens.analysis.summaries import summarize as build
+    from moelens.store import TraceStore
+
+    store = TraceStore(db)
+    if store.run(run)["status"] != "complete":
+        raise InputError(f"run {run} is not complete; only completed runs are summarised")
+    tables = build(store, run)
+    console.print(f"[green]run {run}[/]: {', '.join(f'{k} ({t.num_rows:,} rows)' for k, t in tables.items())} -> {db}")

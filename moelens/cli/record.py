@@ -68,6 +68,9 @@ def record(
     run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                         max_sequences=max_sequences, logits=logits, generate=generate, chat=chat,
                         add_special_tokens=add_special_tokens, contributions=contributions, name=name, model_name=model_name)
+    from moelens.analysis.summaries import summarize  # recording never imports analysis; the command does
+
+    summarize(store, run_id)
     info = store.runs().set_index("run_id").loc[run_id]
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
     empty = (store.run(run_id).get("metadata") or {}).get("empty_documents", 0)

@@ -64,6 +64,11 @@ def run_demo(db: str | Path, *, max_tokens: int | None = None, again: bool = Fal
     else:
         log.info("recording the demo model over %d held-out documents ...", len(docs))
         runs[RUN_HELDOUT] = record(model, tok, docs, name=RUN_HELDOUT, model_name="moelens-demo", **common)
+    from moelens.analysis.summaries import summarize  # recording never imports analysis; the demo does
+
+    for name, run_id in runs.items():
+        if name not in have:
+            summarize(store, run_id)
     if maps:
         from moelens.analysis.map_cache import precompute
 

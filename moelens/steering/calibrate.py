@@ -1,7 +1,7 @@
 """Per-layer router-logit scale, so that a boost means the same thing in different models and layers.
 
 A +2 logit boost took an expert from 3-19 % to 100 % of tokens in a tiny random model (logits ~0.1) but only
-from 6.3 % to 7.8 % in Switch (router init std ~1) (transformers-moe.md §6.5). Measuring each layer's spread of
+from 6.3 % to 7.8 % in Switch (router init std ~1). Measuring each layer's spread of
 logits on a calibration pass and expressing boosts in those units makes "+1 std" comparable across layers.
 """
 

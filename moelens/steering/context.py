@@ -1,6 +1,6 @@
 """`steer`: apply a `SteeringSpec` to a model while a ``with`` block runs, and restore it exactly afterwards.
 
-Mechanism (transformers-moe.md §6.1): logit edits happen *inside* the router, before its own softmax/sigmoid,
+Mechanism: logit edits happen *inside* the router, before its own softmax/sigmoid,
 grouping, top-k and renormalisation, so every architecture keeps its own routing rule. A forward pre-hook on the
 router enters a `TorchFunctionMode` that adds the offset to the output of the router's logit linear op (matched
 by its weight's shape, which also covers routers that cast a bf16 weight to fp32) and a forward hook leaves it.

@@ -103,8 +103,7 @@ class SteeringSpec:
     * ``disable`` — never route these experts (``mode`` says how, see `MODES`).
     * ``force`` — route these experts for every token (logit +1e4 before the model's own top-k; at most k per layer).
     * ``boost`` — add ``value`` to the expert's router logit before top-k, in ``boost_unit`` units; negative
-      values suppress. The same offset means very different things in different models (transformers-moe.md
-      §6.5), hence the ``std`` unit, which needs ``logit_std`` (see `moelens.steering.calibrate_logit_std`).
+      values suppress. The same offset means very different things in different models, hence the ``std`` unit, which needs ``logit_std`` (see `moelens.steering.calibrate_logit_std`).
     * ``gate_scale`` — multiply the gate weight an already selected expert gets by β, at the experts' inputs,
       without renormalising (RICE, arXiv 2505.14681). Selection is unchanged.
     * ``top_k`` — experts per token, for every layer (``top_k=2``) or per layer (``{layer: k}``), with the

@@ -94,6 +94,7 @@ class DatasetStore(TraceStore):
         self._session: duckdb.DuckDBPyConnection | None = None
         self._shims = ()
         self._open_shards: set[tuple[int, int]] = set()  # shards this object wrote and finish_run may close
+        self.shard: int | None = None  # set by `only_shard`: the sharded tables' views read that shard alone
         marker = self.path / DATASET_MARKER
         if not marker.is_file():
             self._create_folder()
@@ -167,8 +168,16 @@ class DatasetStore(TraceStore):
             "columns": pa.array([r[3] for r in registry], pa.list_(pa.string())),
         }))
 
+    def only_shard(self, shard: int) -> DatasetStore:
+        """A read-only view of this dataset in which the sharded tables (sequences, tokens, routing, ...) hold
+        one shard's rows only: what a distributed worker reads, with the same queries as the whole store."""
+        view = DatasetStore(self.path, read_only=True, lock_timeout=self.lock_timeout)
+        view.shard = int(shard)
+        return view
+
     def _files(self, table: str, run_id: int | None = None, shard: int | None = None) -> list[str]:
         """The table's Parquet files (sorted: parts in write order), optionally of one run / shard."""
+        shard = self.shard if shard is None else shard
         run = "run_id=*" if run_id is None else f"run_id={int(run_id)}"
         if table == "runs":
             pattern = [run, "run.parquet"]

@@ -1,0 +1,259 @@
+"""Derived summaries: the partial statistics of the simple scores, computed in one streamed pass over a
+completed run and stored as tables, so pages and scores can finish without reading ``routing`` again.
+
+Why these: they are exactly what the count-based scores merge (expert load, balance, domain
+specialization, co-activation, transitions, vocabulary), broken down by phase (and label where a score
+groups by it) so that every phase filter is a sum over rows. They can always be rebuilt from ``routing``
+(``moelens summarize RUN``). Tables (one row per non-zero cell; ``phase`` NULL = unknown, for pairs: the
+two tokens' phases differ; ``label`` NULL = unlabelled):
+
+* ``expert_counts``: layer, expert, label, phase, count (routed slots), top1 (first choices), gate_mass;
+* ``tokens``: label, phase, n_tokens;
+* ``coactivation``: layer, phase, expert_i < expert_j, n_ij (tokens routed to both);
+* ``transitions``: layer, next_layer (the next MoE layer), phase, expert, next_expert, top1 (first choice →
+  first choice), all_slots (every slot pair);
+* ``token_experts``: layer, phase, token_id, expert, count, first_at (``seq_id << 35 | pos << 7 | rank``
+  of the first such slot);
+* ``token_ids``: phase, token_id, n (positions);
+* ``repetition``: layer, label, phase, n_pairs, same_first, n_overlap_pairs, overlap (consecutive pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from moelens.analysis._common import consecutive_pairs, group_expert_counts
+from moelens.analysis._sets import bitsets, intersection_size
+from moelens.analysis.chunked import Chunked, Context, Keyed, compute_partial
+from moelens.analysis.coactivation import pair_counts
+from moelens.analysis.data import PHASES, RoutingData
+from moelens.analysis.repetition import first_choice_repeats
+from moelens.analysis.transitions import transition_counts
+from moelens.analysis.vocabulary import order_key
+
+NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition")
+
+#: Phase codes in the summaries' arrays: index = PHASES code + 1 (0 = unknown).
+_P = len(PHASES) + 1
+
+
+@dataclass(frozen=True)
+class RunSummary(Chunked):
+    """All summaries of a run as one mergeable partial (dense per-layer arrays, `Keyed` per token id)."""
+
+    def map(self, batch: RoutingData) -> dict[str, Any]:
+        D = len(batch.label_names)
+        G = D + 1
+        label = np.where(batch.label >= 0, batch.label, D).astype(np.int64)
+        phase = batch.phase.astype(np.int64) + 1
+        cell = label * _P + phase
+        pairs = consecutive_pairs(batch)
+        pair_phase = np.where(phase[pairs] == phase[pairs + 1], phase[pairs], 0)
+        tok = batch.token_id.astype(np.int64)
+        out: dict[str, Any] = {
+            "tokens": np.bincount(cell, minlength=G * _P),
+            "token_ids": Keyed((tok * _P + phase)[tok >= 0], {"n": np.ones(int((tok >= 0).sum()), np.int64)}, {"n": "sum"}),
+            "count": [], "top1": [], "mass": [], "pairs": [], "transitions": [], "token_experts": [], "repetition": [],
+        }  # fmt: skip
+        order = order_key(batch, np.arange(batch.n_tokens))
+        for li, E in enumerate(batch.n_experts):
+            E = int(E)
+            exp = batch.experts[li]
+            out["count"].append(group_expert_counts(exp, E, cell, G * _P))
+            out["top1"].append(group_expert_counts(exp[:, :1], E, cell, G * _P))
+            out["mass"].append(group_expert_counts(exp, E, cell, G * _P, weights=batch.weights[li]))
+            out["pairs"].append(np.stack([pair_counts(exp[phase == p], E) for p in range(_P)]))
+            if li + 1 < batch.n_layers:
+                out["transitions"].append(
+                    np.stack([[transition_counts(batch, li, top1, phase == p) for top1 in (True, False)] for p in range(_P)])
+                )
+            routed = (exp >= 0) & (tok >= 0)[:, None]
+            keys = (((tok * _P + phase)[:, None]) * E + exp)[routed]
+            out["token_experts"].append(Keyed(keys, {"count": np.ones(len(keys), np.int64), "first": order[:, : exp.shape[1]][routed]}, {"count": "sum", "first": "min"}).grouped())
+            bits = bitsets(exp, E)
+            has_any = bits.any(axis=1)
+            valid, same = first_choice_repeats(batch, li, pairs)
+            overlap_ok = has_any[pairs] & has_any[pairs + 1]
+            overlap = intersection_size(bits[pairs], bits[pairs + 1]) > 0
+            pair_cell = label[pairs] * _P + pair_phase
+            out["repetition"].append(np.stack([np.bincount(pair_cell, weights=w, minlength=G * _P).astype(np.int64) for w in (valid, same, overlap_ok, overlap)]))
+        return out
+
+    def finish(self, partial: dict[str, Any], ctx: Context) -> dict[str, pa.Table]:
+        return _tables(partial, ctx.meta)
+
+
+def summarize(store: Any, run: int, *, persist: bool = True, **how: Any) -> dict[str, pa.Table]:
+    """Every derived summary of ``run`` from one streamed pass over its routing, as Arrow tables by name
+    (see the module docstring); with ``persist`` each is written through ``store.write_summary`` (replacing
+    the run's previous rows). ``how``: engine options of `moelens.analysis.chunked.compute`."""
+    chunked = RunSummary()
+    partial, ctx = compute_partial(chunked, store, run, **how)
+    tables = chunked.finish(partial, ctx)
+    if persist:
+        for name, table in tables.items():
+            store.write_summary(int(run), name, table)
+    return tables
+
+
+def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
+    D = len(data.label_names)
+    labels = np.array([*data.label_names, None], dtype=object)
+    phases = np.array([None, *PHASES], dtype=object)
+    cells = np.arange((D + 1) * _P)
+
+    def cols(**columns: Any) -> pa.Table:
+        return pa.table({k: pa.array(v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in columns.items()})
+
+    out: dict[str, pa.Table] = {}
+    n_tok = partial["tokens"]
+    keep = n_tok > 0
+    out["tokens"] = cols(label=labels[cells[keep] // _P], phase=phases[cells[keep] % _P], n_tokens=n_tok[keep].astype(np.int64))
+    frames: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ("expert_counts", "coactivation", "transitions", "token_experts", "repetition")}
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        count, top1, mass = partial["count"][li], partial["top1"][li], partial["mass"][li]
+        c, e = np.nonzero(count)
+        frames["expert_counts"].append(
+            dict(layer=np.full(len(c), layer, np.int16), expert=e.astype(np.int16), label=labels[c // _P], phase=phases[c % _P],
+                 count=count[c, e].astype(np.int64), top1=top1[c, e].astype(np.int64), gate_mass=mass[c, e])
+        )  # fmt: skip
+        pairs = np.triu(partial["pairs"][li], 1)  # symmetric: keep i < j
+        p, i, j = np.nonzero(pairs)
+        frames["coactivation"].append(dict(layer=np.full(len(p), layer, np.int16), phase=phases[p], expert_i=i.astype(np.int16), expert_j=j.astype(np.int16), n_ij=pairs[p, i, j].astype(np.int64)))
+        if li + 1 < data.n_layers:
+            trans = partial["transitions"][li]  # [P, 2, E, E2]
+            p, a, b = np.nonzero(trans[:, 1])  # every first-choice pair is also a slot pair
+            frames["transitions"].append(
+                dict(layer=np.full(len(p), layer, np.int16), next_layer=np.full(len(p), data.layer_ids[li + 1], np.int16), phase=phases[p],
+                     expert=a.astype(np.int16), next_expert=b.astype(np.int16), top1=trans[p, 0, a, b].astype(np.int64), all_slots=trans[p, 1, a, b].astype(np.int64))
+            )  # fmt: skip
+        keys, values = partial["token_experts"][li].table()
+        frames["token_experts"].append(
+            dict(layer=np.full(len(keys), layer, np.int16), phase=phases[(keys // E) % _P], token_id=(keys // E // _P).astype(np.int32),
+                 expert=(keys % E).astype(np.int16), count=values["count"], first_at=values["first"])
+        )  # fmt: skip
+        rep = partial["repetition"][li]
+        c = np.flatnonzero(rep.sum(axis=0))
+        frames["repetition"].append(
+            dict(layer=np.full(len(c), layer, np.int16), label=labels[c // _P], phase=phases[c % _P], n_pairs=rep[0, c], same_first=rep[1, c],
+                 n_overlap_pairs=rep[2, c], overlap=rep[3, c])
+        )  # fmt: skip
+    for name, parts in frames.items():
+        out[name] = pa.concat_tables([cols(**part) for part in parts]) if parts else pa.table({})
+    ids, n = partial["token_ids"].table()
+    out["token_ids"] = cols(phase=phases[ids % _P], token_id=(ids // _P).astype(np.int32), n=n["n"])
+    return {name: out[name] for name in NAMES}
+
+
+# -- partials of scores, rebuilt from stored summaries ---------------------------------------------------
+
+
+def _read(store: Any, ctx: Context, name: str) -> Any:
+    """A summary as a DataFrame restricted to the context's phase, or None when not materialised (or the
+    store cannot hold summaries)."""
+    if not hasattr(store, "read_summary") or ctx.meta.origin is None:
+        return None
+    table = store.read_summary(ctx.meta.origin.run_id, name)
+    if table is None:
+        return None
+    df = table.to_pandas()
+    phase = ctx.meta.phase_filter
+    return df if phase is None else df[df["phase"] == phase]
+
+
+def _label_codes(df: Any, data: RoutingData) -> np.ndarray:
+    """Label code of each row, D for unlabelled."""
+    names = {name: i for i, name in enumerate(data.label_names)}
+    return np.array([names.get(v, len(names)) if isinstance(v, str) else len(names) for v in df["label"]], np.int64)
+
+
+def _layer_arrays(df: Any, data: RoutingData, groups: np.ndarray, n_groups: int, column: str, dtype: Any) -> list[np.ndarray]:
+    out = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        here = (df["layer"] == layer).to_numpy()
+        arr = np.zeros((n_groups, E), dtype)
+        np.add.at(arr, (groups[here], df["expert"].to_numpy()[here].astype(np.int64)), df[column].to_numpy()[here])
+        out.append(arr)
+    return out
+
+
+def expert_counts(store: Any, ctx: Context, by_label: bool) -> Any:
+    """`moelens.analysis.load.ExpertCounts`'s partial from ``expert_counts`` and ``tokens``."""
+    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
+    if counts is None or tokens is None:
+        return None
+    D = len(ctx.meta.label_names)
+    n_groups = D + 1 if by_label else 1
+    group = _label_codes(counts, ctx.meta) if by_label else np.zeros(len(counts), np.int64)
+    tok_group = _label_codes(tokens, ctx.meta) if by_label else np.zeros(len(tokens), np.int64)
+    return {
+        "n_tok": np.bincount(tok_group, weights=tokens["n_tokens"].to_numpy(), minlength=n_groups).astype(np.int64),
+        "count": _layer_arrays(counts, ctx.meta, group, n_groups, "count", np.int64),
+        "mass": _layer_arrays(counts, ctx.meta, group, n_groups, "gate_mass", np.float64),
+    }
+
+
+def domain_counts(store: Any, ctx: Context, top1: bool) -> Any:
+    """`moelens.analysis.domain.DomainCounts`'s partial from ``expert_counts`` and ``tokens``."""
+    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
+    if counts is None or tokens is None:
+        return None
+    D = len(ctx.meta.label_names)
+    column = "top1" if top1 else "count"
+    by_label = _layer_arrays(counts, ctx.meta, _label_codes(counts, ctx.meta), D + 1, column, np.int64)
+    overall = _layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, column, np.int64)
+    n_d = np.bincount(_label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
+    return {"n_d": n_d[:D], "by_label": [a[:D] for a in by_label], "overall": [a[0] for a in overall]}
+
+
+def coactivation_counts(store: Any, ctx: Context) -> Any:
+    """`moelens.analysis.coactivation.CoactivationCounts`'s partial (all pairs) from the summaries."""
+    pairs, counts, tokens = _read(store, ctx, "coactivation"), _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
+    if pairs is None or counts is None or tokens is None:
+        return None
+    n = _layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, "count", np.int64)
+    n_ij = []
+    for li, layer in enumerate(ctx.meta.layer_ids):
+        E = int(ctx.meta.n_experts[li])
+        here = pairs[pairs["layer"] == layer]
+        square = np.zeros((E, E), np.int64)
+        np.add.at(square, (here["expert_i"].to_numpy().astype(np.int64), here["expert_j"].to_numpy().astype(np.int64)), here["n_ij"].to_numpy())
+        n_ij.append(square + square.T)
+    return {"n_tokens": int(tokens["n_tokens"].sum()), "n": [a[0] for a in n], "n_ij": n_ij}
+
+
+def transition_counts_of(store: Any, ctx: Context, top1: bool) -> Any:
+    """`moelens.analysis.transitions.TransitionCounts`'s partial from ``transitions``."""
+    rows = _read(store, ctx, "transitions")
+    if rows is None:
+        return None
+    out = []
+    for li in range(ctx.meta.n_layers - 1):
+        E, E2 = int(ctx.meta.n_experts[li]), int(ctx.meta.n_experts[li + 1])
+        here = rows[rows["layer"] == ctx.meta.layer_ids[li]]
+        counts = np.zeros((E, E2), np.int64)
+        np.add.at(counts, (here["expert"].to_numpy().astype(np.int64), here["next_expert"].to_numpy().astype(np.int64)), here["top1" if top1 else "all_slots"].to_numpy())
+        out.append(counts)
+    return out
+
+
+def token_expert_counts(store: Any, ctx: Context) -> Any:
+    """`moelens.analysis.vocabulary.TokenExpertCounts`'s partial (input target) from ``token_experts`` and
+    ``token_ids``."""
+    rows, ids = _read(store, ctx, "token_experts"), _read(store, ctx, "token_ids")
+    if rows is None or ids is None:
+        return None
+    n_x = Keyed(ids["token_id"].to_numpy().astype(np.int64), {"n": ids["n"].to_numpy().astype(np.int64)}, {"n": "sum"})
+    layers = []
+    for li, layer in enumerate(ctx.meta.layer_ids):
+        E = int(ctx.meta.n_experts[li])
+        here = rows[rows["layer"] == layer]
+        keys = here["token_id"].to_numpy().astype(np.int64) * E + here["expert"].to_numpy().astype(np.int64)
+        layers.append(Keyed(keys, {"count": here["count"].to_numpy().astype(np.int64), "first": here["first_at"].to_numpy().astype(np.int64)}, {"count": "sum", "first": "min"}))
+    return {"n_x": n_x, "layers": layers}
