@@ -27,7 +27,7 @@ from moelens.errors import InputError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
 from moelens.recording.tokenize import Chunk, chunk_documents, decoded_texts, make_chunk
-from moelens.recording.writer import RunWriter
+from moelens.recording.writer import RunWriter, ShardTarget
 from moelens.store import DEFAULT_DB, TraceStore
 
 
@@ -56,6 +56,7 @@ def record(
     parent_run_id: int | None = None,
     intervention: dict | None = None,
     metadata: dict | None = None,
+    into: ShardTarget | None = None,
 ) -> int:
     """Record the routing of ``model`` over ``inputs`` into ``store`` and return the new run id.
 
@@ -75,6 +76,10 @@ def record(
     as the cached generation routed them. In float32 that routing equals one forward over the final sequence;
     in bfloat16/float16 the cached steps' rounding can differ from a full forward's, so a near-tie between two
     experts may be routed differently: what is stored is what generation used.
+
+    ``into`` (used by `moelens.recording.distributed`): ``inputs`` are the driver's already cut `Chunk`s, written
+    into shard ``into.shard`` of the driver's existing run and finished with that shard's marker; the run itself
+    (creation, metadata, complete/failed) stays the driver's.
     """
     model = unwrap(model)  # record the torch module an nnsight wrapper runs
     info = find_routers(model)
@@ -91,6 +96,8 @@ def record(
     chunks = _in_vocabulary(_limited(chunk_documents(docs, tokenizer, seq_len, chat=chat, add_special_tokens=add_special_tokens,
                                                      add_generation_prompt=gen_kwargs is not None, counts=counts),
                                      max_tokens, max_sequences), n_rows)
+    if into is not None:
+        chunks = iter(inputs)  # the driver cut (and checked) them
     first = next(chunks, None)
     if first is None:
         empty = counts["empty_documents"]
@@ -100,7 +107,7 @@ def record(
     run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
                     "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
                     "add_special_tokens": add_special_tokens, "contributions": contributions}
-    run_id = store.create_run(
+    run_id = into.run_id if into is not None else store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
         **run_fields(model, info),
@@ -108,8 +115,10 @@ def record(
         intervention=intervention,
         metadata=run_metadata,
     )
-    store.append(run_id, {"layers": layer_rows(info)})
-    writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
+    if into is None:
+        store.append(run_id, {"layers": layer_rows(info)})
+    writer = RunWriter(store, run_id, flush_tokens=flush_tokens, **({} if into is None else
+                       {"shard": into.shard, "seq_offset": into.first_seq_id}))
     bar = _progress(progress, max_tokens)
     try:
         with torch.inference_mode(), RoutingCapture(model, info, logits=logits, contributions=contributions) as capture:
@@ -123,10 +132,14 @@ def record(
                     _generation(model, tokenizer, info, capture, chunk, writer, gen_kwargs)
                     bar.update(len(chunk.ids))
         writer.flush()
+        if into is not None:
+            store.finish_shard(run_id, into.shard)
+            return run_id
         store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-        store.finish_run(run_id, "failed", error=reason)
+        if into is None:  # a worker's failure is reported (and the run failed) by its driver
+            store.finish_run(run_id, "failed", error=reason)
         raise
     finally:
         bar.close()
