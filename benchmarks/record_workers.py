@@ -69,7 +69,7 @@ def main() -> None:
     lines = [
         "# Recording with many workers: 1 → 2 Ray workers on CPU",
         "",
-        f"Demo model ({DEMO_MODEL_DIR.name}), {results[1]['tokens']} tokens of the held-out demo corpus, sequences of at most "
+        f"The bundled demo model, {results[1]['tokens']} tokens of the held-out demo corpus, sequences of at most "
         "512 tokens, batch 8, one torch thread per worker, fresh Parquet dataset per setting; local Ray with 2 CPUs.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-minute). Driver peak RSS "

@@ -87,6 +87,12 @@ def test_a_worker_that_raises_fails_the_run_with_its_reason(cluster, tmp_path):
     assert not any(store.shard_done(info["run_id"], s) for s in store.shard_ids(info["run_id"]))
 
 
+def test_more_workers_than_the_cluster_can_place_is_refused(cluster, tmp_path):
+    with pytest.raises(InputError, match="--workers 3 needs 3 CPUs .* has 2"):
+        record_distributed(MODEL, TEXTS, tmp_path / "ds", workers=3, progress=False)
+    assert TraceStore(tmp_path / "ds").runs().empty  # refused before a run exists
+
+
 def test_workers_refuse_a_duckdb_file(tmp_path):
     with pytest.raises(InputError, match="Parquet dataset folder"):
         record_distributed(MODEL, TEXTS, tmp_path / "x.duckdb", workers=2)

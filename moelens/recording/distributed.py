@@ -54,7 +54,7 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
     actors: list = []
     run_id = None
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = _check_capacity(ray.cluster_resources(), workers)
         recorder = ray.remote(num_cpus=1, num_gpus=gpus)(_Recorder)
         actors = [recorder.remote(model_spec, load_kwargs or {}) for _ in range(workers)]
         tokenizer, fields, layers, n_rows = ray.get(actors[0].describe.remote())
@@ -153,6 +153,16 @@ def _connect(address: str | None, workers: int) -> tuple[Any, bool]:
         return ray, False
     ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     return ray, True
+
+
+def _check_capacity(resources: dict, workers: int) -> int:
+    """GPUs per actor (1 when the cluster has GPUs, else 0); refuse more actors than the cluster can place at once
+    (Ray would keep the extra ones pending forever)."""
+    kind, have = ("GPU", resources.get("GPU", 0)) if resources.get("GPU", 0) >= 1 else ("CPU", resources.get("CPU", 0))
+    if workers > have:
+        raise InputError(f"--workers {workers} needs {workers} {kind}s (one per worker) and the Ray cluster has {have:g}; "
+                         f"use --workers {int(have)} or add machines (ray start --address HEAD:6379)")
+    return 1 if kind == "GPU" else 0
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
