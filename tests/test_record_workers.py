@@ -99,10 +99,13 @@ def test_workers_refuse_a_duckdb_file(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for argv, expected in ((["--db", str(tmp_path / "x.duckdb")], "Parquet dataset folder"),
-                           (["--db", str(tmp_path / "ds"), "--address", "127.0.0.1:1"], "cannot reach a Ray cluster"),
-                           (["--db", str(tmp_path / "ds2"), "--engine", "dask"], "--engine")):
-        proc = _run_cli(["record", MODEL, "--text", "hello", "--workers", "2", *argv])
+    for model, argv, expected in (
+        (MODEL, ["--db", str(tmp_path / "x.duckdb")], "Parquet dataset folder"),
+        (MODEL, ["--db", str(tmp_path / "ds"), "--address", "127.0.0.1:1"], "cannot reach a Ray cluster"),
+        (MODEL, ["--db", str(tmp_path / "ds2"), "--engine", "dask"], "--engine"),
+        ("tiny:nonexistent", ["--db", str(tmp_path / "ds3")], "tiny:nonexistent: unknown model type"),  # raised in the actor
+    ):
+        proc = _run_cli(["record", model, "--text", "hello", "--workers", "1", *argv])
         assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -9,6 +9,7 @@ nothing of it looks complete. Works on a laptop (a local Ray instance) and on a 
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from collections import Counter
@@ -46,10 +47,13 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
     ``on_dispatch(actors)`` is called once every shard is sent (lets a test kill a worker mid-run)."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, not {workers}")
-    from moelens.recording.record import _generate_kwargs, _in_vocabulary, _limited, readable
+    from moelens.recording.record import _generate_kwargs, _in_vocabulary, _limited, readable, record
+
+    opts = {**{k: p.default for k, p in inspect.signature(record).parameters.items() if p.default is not p.empty},
+            **record_kwargs}  # record()'s own defaults, so the driver cuts exactly as a single process would
 
     store = dataset_store(store_dir)
-    gen_kwargs = _generate_kwargs(record_kwargs.get("generate"))  # a bad generate fails before any worker starts
+    gen_kwargs = _generate_kwargs(opts["generate"])  # a bad generate fails before any worker starts
     ray, started = _connect(address, workers)
     actors: list = []
     run_id = None
@@ -57,25 +61,29 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
         gpus = _check_capacity(ray.cluster_resources(), workers)
         recorder = ray.remote(num_cpus=1, num_gpus=gpus)(_Recorder)
         actors = [recorder.remote(model_spec, load_kwargs or {}) for _ in range(workers)]
-        tokenizer, fields, layers, n_rows = ray.get(actors[0].describe.remote())
-
-        cut = {k: record_kwargs.pop(k) for k in _CUTTING if k in record_kwargs}
+        try:
+            tokenizer, fields, layers, n_rows = ray.get(actors[0].describe.remote())
+        except Exception as exc:  # the model spec cannot be loaded: say why, as a single process would
+            cause = getattr(exc, "cause", None)
+            raise cause if isinstance(cause, MoelensError) else MoelensError(f"a worker could not load {model_spec}: "
+                                                                             f"{_worker_reason(exc)}") from None
+        for key in _CUTTING:
+            record_kwargs.pop(key, None)  # the driver cuts; workers get the cut sequences
         counts: Counter = Counter()
-        docs = documents(inputs, cut.get("labels"), text_field=cut.get("text_field", "text"),
-                         label_field=cut.get("label_field", "label"))
+        labels = opts["labels"]
+        docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
+                         text_field=opts["text_field"], label_field=opts["label_field"])
         chunks = list(_in_vocabulary(_limited(
-            chunk_documents(docs, tokenizer, cut.get("seq_len", 512), chat=cut.get("chat", False),
-                            add_special_tokens=cut.get("add_special_tokens", True),
+            chunk_documents(docs, tokenizer, opts["seq_len"], chat=opts["chat"], add_special_tokens=opts["add_special_tokens"],
                             add_generation_prompt=gen_kwargs is not None, counts=counts),
-            cut.get("max_tokens"), cut.get("max_sequences")), n_rows))
+            opts["max_tokens"], opts["max_sequences"]), n_rows))
         if not chunks:
             raise InputError("nothing to record: the inputs contain no text or tokens")
         shards = split_contiguous([len(c.ids) for c in chunks], workers)
 
-        run_metadata = {**(metadata or {}), "seq_len": cut.get("seq_len", 512), "batch_size": record_kwargs.get("batch_size", 8),
-                        "logits": record_kwargs.get("logits", False), "generate": None if gen_kwargs is None else readable(gen_kwargs),
-                        "chat": cut.get("chat", False), "add_special_tokens": cut.get("add_special_tokens", True),
-                        "contributions": record_kwargs.get("contributions", False),
+        run_metadata = {**(metadata or {}), **{k: opts[k] for k in ("seq_len", "batch_size", "logits", "chat", "add_special_tokens",
+                                                                     "contributions")},
+                        "generate": None if gen_kwargs is None else readable(gen_kwargs),
                         "empty_documents": counts["empty_documents"], "workers": len(shards), "engine": "ray"}
         run_id = store.create_run(record_kwargs.pop("model_name", None) or model_spec, name=name, **fields, metadata=run_metadata)
         store.append(run_id, {"layers": layers})
@@ -190,12 +198,19 @@ class _Recorder:
 
         if torch.cuda.is_available() and not load_kwargs.get("device") and not load_kwargs.get("device_map"):
             load_kwargs = {**load_kwargs, "device": "cuda"}  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.model, self.tokenizer, _ = resolve_model(model_spec, **load_kwargs)
+        self.load_error: Exception | None = None
+        try:
+            self.model, self.tokenizer, _ = resolve_model(model_spec, **load_kwargs)
+        except Exception as exc:  # kept for describe(): an error in a task keeps its type, one in __init__ does not
+            self.load_error = exc
         torch.set_num_threads(1)
 
     def describe(self) -> tuple:
         """What the driver needs to cut the inputs and create the run: tokenizer, run fields, layer rows, vocab rows."""
         from moelens.adapters import find_routers, unwrap
+
+        if self.load_error is not None:
+            raise self.load_error
         from moelens.recording.record import _check_vocabulary, layer_rows, run_fields
 
         model = unwrap(self.model)
