@@ -47,6 +47,9 @@ def record(
     trust_remote_code: bool = trust_remote_code_option(),
     allow_random_router: bool = allow_random_router_option(),
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Record with N workers (Ray actors, one model each, one GPU each when the cluster has GPUs), each writing its own shard of one run; --db must be a Parquet dataset folder."),
+    engine: str = typer.Option("ray", "--engine", help="Engine that runs the workers (ray)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to run the workers on (HEAD:6379 of `ray start --head`); default: a local Ray instance."),
 ) -> None:
     """Record the routing of MODEL over DATA into the trace store."""
     import itertools
@@ -58,16 +61,38 @@ def record(
         raise InputError("nothing to record: pass data files/folders or --text 'some text'")
     if data:
         check_paths(data)
+    inputs = itertools.chain(documents(text, label) if text else [],
+                             read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
+    kwargs = dict(batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, max_sequences=max_sequences, logits=logits,
+                  generate=generate, chat=chat, add_special_tokens=add_special_tokens, contributions=contributions, name=name)
+    if workers is not None or address is not None:
+        run_id = _record_with_workers(model, inputs, db, workers or 1, engine, address, kwargs,
+                                      dict(device=device, device_map=device_map, dtype=dtype, revision=revision,
+                                           trust_remote_code=trust_remote_code, allow_random_router=allow_random_router))
+        _report(TraceStore(db), run_id, db)
+        return
     store = TraceStore(db)
     lm, tokenizer, model_name = resolve_model(model, device=device, device_map=device_map, dtype=dtype, revision=revision,
                                               trust_remote_code=trust_remote_code, allow_random_router=allow_random_router)
     from moelens.recording.record import record as record_run  # torch: after a bad model name has failed fast
 
-    inputs = itertools.chain(documents(text, label) if text else [],
-                             read_paths(data, text_field=text_field, label_field=label_field, label=label) if data else [])
-    run_id = record_run(lm, tokenizer, inputs, store=store, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                        max_sequences=max_sequences, logits=logits, generate=generate, chat=chat,
-                        add_special_tokens=add_special_tokens, contributions=contributions, name=name, model_name=model_name)
+    run_id = record_run(lm, tokenizer, inputs, store=store, model_name=model_name, **kwargs)
+    _report(store, run_id, db)
+
+
+def _record_with_workers(model: str, inputs, db: Path, workers: int, engine: str, address: Optional[str], kwargs: dict,
+                         load_kwargs: dict) -> int:
+    """``--workers``: the driver cuts the inputs and runs one Ray actor per shard (`record_distributed`)."""
+    from moelens.recording.distributed import dataset_store, record_distributed
+
+    if engine != "ray":
+        raise InputError(f"--engine {engine!r} is not supported; workers run on ray (--engine ray)")
+    dataset_store(db)  # a DuckDB file is refused before a cluster is started
+    return record_distributed(model, list(inputs), db, workers=workers, address=address, load_kwargs=load_kwargs, **kwargs)
+
+
+def _report(store, run_id: int, db: Path) -> None:
+    """Build the completed run's derived summaries (what the app and the count scores read), then say what landed."""
     from moelens.analysis.summaries import summarize  # recording never imports analysis; the command does
 
     summarize(store, run_id)

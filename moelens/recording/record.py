@@ -28,7 +28,7 @@ from moelens.errors import InputError
 from moelens.recording.batch import RowMap, forward_rows, generation_rows, routing_columns
 from moelens.recording.inputs import documents
 from moelens.recording.tokenize import Chunk, chunk_documents, decoded_texts, make_chunk
-from moelens.recording.writer import BackgroundWriter, Job, RunWriter
+from moelens.recording.writer import BackgroundWriter, Job, RunWriter, ShardTarget
 from moelens.store import DEFAULT_DB, TraceStore
 
 
@@ -58,6 +58,7 @@ def record(
     intervention: dict | None = None,
     metadata: dict | None = None,
     max_pending: int = 2,
+    into: ShardTarget | None = None,
 ) -> int:
     """Record the routing of ``model`` over ``inputs`` into ``store`` and return the new run id.
 
@@ -85,6 +86,10 @@ def record(
     ``max_pending``: forwards whose routing may still be in flight to the host or waiting for the writer thread
     (which builds the columns and writes them, so the forward never waits on the host); it bounds the memory
     held. ``0`` builds and writes each forward's columns in the caller, without a thread.
+
+    ``into`` (used by `moelens.recording.distributed`): ``inputs`` are the driver's already cut `Chunk`s, written
+    into shard ``into.shard`` of the driver's existing run and finished with that shard's marker; the run itself
+    (creation, metadata, complete/failed) stays the driver's.
     """
     model = unwrap(model)  # record the torch module an nnsight wrapper runs
     info = find_routers(model)
@@ -101,6 +106,8 @@ def record(
     chunks = _in_vocabulary(_limited(chunk_documents(docs, tokenizer, seq_len, chat=chat, add_special_tokens=add_special_tokens,
                                                      add_generation_prompt=gen_kwargs is not None, counts=counts),
                                      max_tokens, max_sequences), n_rows)
+    if into is not None:
+        chunks = iter(inputs)  # the driver cut (and checked) them
     first = next(chunks, None)
     if first is None:
         empty = counts["empty_documents"]
@@ -113,7 +120,7 @@ def record(
                     "add_special_tokens": add_special_tokens, "contributions": contributions}
     if gen_batch is not None:
         run_metadata["generate_batch_size"] = gen_batch
-    run_id = store.create_run(
+    run_id = into.run_id if into is not None else store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
         **run_fields(model, info),
@@ -121,8 +128,10 @@ def record(
         intervention=intervention,
         metadata=run_metadata,
     )
-    store.append(run_id, {"layers": layer_rows(info)})
-    writer = RunWriter(store, run_id, flush_tokens=flush_tokens)
+    if into is None:
+        store.append(run_id, {"layers": layer_rows(info)})
+    writer = RunWriter(store, run_id, flush_tokens=flush_tokens, **({} if into is None else
+                       {"shard": into.shard, "seq_offset": into.first_seq_id}))
     bar = _progress(progress, max_tokens)
     pad = pad_id(tokenizer, model)
     seq_start = 0
@@ -142,10 +151,14 @@ def record(
                     seq_start += len(batch)
                     bar.update(sum(len(c.ids) for c in batch))
         writer.flush()
+        if into is not None:
+            store.finish_shard(run_id, into.shard)
+            return run_id
         store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-        store.finish_run(run_id, "failed", error=reason)
+        if into is None:  # a worker's failure is reported (and the run failed) by its driver
+            store.finish_run(run_id, "failed", error=reason)
         raise
     finally:
         bar.close()
