@@ -184,6 +184,7 @@ def test_steer_generate_twice_saves_nothing(server) -> None:
                 page.get_by_role("button", name="Generate baseline and steered").click()
                 _settle(page, timeout_ms=180_000)
                 page.get_by_text("Baseline vs steered", exact=True).wait_for(timeout=180_000)
+                page.locator(".moelens-tokens").nth(1).wait_for(timeout=60_000)  # both token views rendered
                 assert page.locator(".moelens-tokens").count() == 2
                 assert page.get_by_role("button", name="Save as runs").count() == 1
             # the default prompt and intervention change the bundled model's output visibly

@@ -72,7 +72,7 @@ def test_steer_page_section(tmp_path) -> None:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     at = run_page(tmp_path / "page.duckdb")
-    at.radio(key="steer_source").set_value("local path or hub id (offline cache)").run()
+    at.radio(key="steer_source").set_value("local folder or hub id").run()
     at.text_input(key="steer_path").input(str(folder)).run()
     at.button(key="steer_load").click().run(timeout=300)
     at.text_input(key="strat_k").input("1,2").run()
