@@ -1,11 +1,11 @@
 """Benchmark: first render of every workbench page on a big synthetic run (default 2^20 tokens, 48 layers ×
-128 experts, top-8: 403M routing rows), with the derived summaries materialised, via Streamlit's AppTest.
+128 experts, top-8: 403M routing rows), with the derived summaries stored, via Streamlit's AppTest.
 
 For each page one AppTest run on a tiny store warms imports and components, then ``st.cache_data`` and the analysis
 run cache are cleared and a run on the big store is timed (what a visitor pays on a server that has not yet shown
 this run). The
-process's peak RSS after each page is reported too (AppTest renders in this process). The summaries are computed
-from the in-memory synthetic run with numpy (their reference SQL is checked against that on a small run first).
+process's peak RSS after each page is reported too (AppTest renders in this process). The summaries are what
+`moelens record` stores: `moelens.analysis.summarize`, one streamed pass over each written run.
 
     python benchmarks/app_scale.py                        # writes benchmarks/results/app_scale.md
     python benchmarks/app_scale.py --tokens 20000 --keep /tmp/s.duckdb   # quick; keep the store for reruns
@@ -23,82 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "app"))
 
 from moelens import TraceStore  # noqa: E402
 from moelens.analysis import RoutingData  # noqa: E402
+from moelens.analysis.summaries import summarize  # noqa: E402
 from moelens.analysis.synthetic import synthetic, write_run  # noqa: E402
-from workbench import summaries  # noqa: E402
 
 PAGES = [ROOT / "app" / "Home.py", *sorted((ROOT / "app" / "pages").glob("*.py"))]
-
-
-def summary_tables(data: RoutingData) -> dict[str, pa.Table]:
-    """The three summaries the app reads, from dense in-memory routing (one bincount per layer)."""
-    names = np.array([*data.label_names, None], dtype=object)
-    group = np.where(data.label >= 0, data.label, len(data.label_names))
-    n_tok = np.bincount(group, minlength=len(names))
-    vocab = int(data.token_id.max()) + 1
-    load, coact, tokexp = [], [], []
-    for li, layer in enumerate(data.layer_ids):
-        E = int(data.n_experts[li])
-        e, w = data.experts[li].astype(np.int64), data.weights[li].astype(np.float64)
-        routed = e >= 0
-        tok_group = np.broadcast_to(group[:, None], e.shape)
-        key = (tok_group[routed] * E + e[routed])
-        count = np.bincount(key, minlength=len(names) * E).reshape(len(names), E)
-        mass = np.bincount(key, weights=w[routed], minlength=len(names) * E).reshape(len(names), E)
-        g, x = np.nonzero(count)
-        load.append({"layer": np.full(len(g), layer, np.int16), "expert": x.astype(np.int16), "label": names[g],
-                     "count": count[g, x], "gate_mass": mass[g, x], "n_tokens": n_tok[g]})
-        onehot_pairs = np.zeros((E, E), np.int64)
-        K = e.shape[1]
-        for a in range(K):
-            for b in range(K):
-                if a != b:
-                    ok = routed[:, a] & routed[:, b]
-                    onehot_pairs += np.bincount(e[ok, a] * E + e[ok, b], minlength=E * E).reshape(E, E)
-        i, j = np.nonzero(onehot_pairs)
-        coact.append({"layer": np.full(len(i), layer, np.int16), "expert_i": i.astype(np.int16), "expert_j": j.astype(np.int16),
-                      "n_ij": onehot_pairs[i, j]})
-        tid = np.broadcast_to(data.token_id[:, None].astype(np.int64), e.shape)[routed]
-        te = np.bincount(tid * E + e[routed], minlength=vocab * E)
-        nz = np.flatnonzero(te)
-        tokexp.append({"layer": np.full(len(nz), layer, np.int16), "token_id": (nz // E).astype(np.int32),
-                       "expert": (nz % E).astype(np.int16), "count": te[nz]})
-
-    def table(parts: list[dict]) -> pa.Table:
-        return pa.Table.from_pydict({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-
-    trans = []
-    for li in range(data.n_layers - 1):
-        a, b = data.experts[li, :, 0].astype(np.int64), data.experts[li + 1, :, 0].astype(np.int64)
-        E2, ok = int(data.n_experts[li + 1]), (a >= 0) & (b >= 0)
-        c = np.bincount(a[ok] * E2 + b[ok], minlength=int(data.n_experts[li]) * E2)
-        nz = np.flatnonzero(c)
-        trans.append({"layer": np.full(len(nz), data.layer_ids[li], np.int16), "next_layer": np.full(len(nz), data.layer_ids[li + 1], np.int16),
-                      "expert": (nz // E2).astype(np.int16), "next_expert": (nz % E2).astype(np.int16), "count": c[nz]})
-    return {"expert_load": table(load), "coactivation": table(coact), "token_expert": table(tokexp), "transitions": table(trans)}
-
-
-def check_against_sql(tmp: Path) -> None:
-    """The numpy summaries equal the reference SQL (small run), so the timed store holds the real thing."""
-    data = synthetic(3000, 3, 16, 4, seq_len=100, seed=3, drop_rate=0.02)
-    store = TraceStore(tmp / "check.duckdb")
-    run = write_run(store, data)
-    summaries.materialise(store, run)
-    for name, table in summary_tables(data).items():
-        want = store.read_summary(run, name).to_pandas()
-        got = table.to_pandas()
-        keys = [c for c in want.columns if c not in ("count", "gate_mass", "n_tokens", "n_ij")]
-        assert len(got) == len(want), name
-        got, want = (df.sort_values(keys, na_position="last").reset_index(drop=True) for df in (got, want))
-        assert np.array_equal(got[keys].astype(str).to_numpy(), want[keys].astype(str).to_numpy()), name
-        for c in set(want.columns) - set(keys):
-            assert np.allclose(got[c].to_numpy(float), want[c].to_numpy(float)), (name, c)
 
 
 def build(path: Path, n_tokens: int, layers: int, experts: int, k: int) -> dict[str, float]:
@@ -108,14 +42,12 @@ def build(path: Path, n_tokens: int, layers: int, experts: int, k: int) -> dict[
     store = TraceStore(path)
     run = write_run(store, data, name="synthetic big run")
     t2 = time.perf_counter()
-    for name, table in summary_tables(data).items():
-        store.write_summary(run, name, table)
+    summarize(store, run)
     t3 = time.perf_counter()
     other = _perturbed(data)
     del data
     steered = write_run(store, other, name="synthetic big run, perturbed", parent_run_id=run)
-    for name, table in summary_tables(other).items():
-        store.write_summary(steered, name, table)
+    summarize(store, steered)
     return {"generate_s": t1 - t0, "write_s": t2 - t1, "summaries_s": t3 - t2, "second_run_s": time.perf_counter() - t3}
 
 
@@ -176,7 +108,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "app_scale.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        check_against_sql(Path(tmp))
         db = args.keep or Path(tmp) / "big.duckdb"
         build_times = build(db, args.tokens, args.layers, args.experts, args.top_k) if not db.exists() else {}
         if args.build_only:
@@ -194,7 +125,8 @@ def main() -> None:
         f"`python benchmarks/app_scale.py --tokens {args.tokens}` — synthetic run of {args.tokens:,} tokens × "
         f"{args.layers} layers × {args.experts} experts, top-{args.top_k} ({args.tokens * args.layers * args.top_k:,} "
         f"routing rows, DuckDB file {size / 2**30:.2f} GiB for two runs) plus a perturbed copy for Compare; summaries "
-        "`expert_load`, `coactivation`, `token_expert`, `transitions` materialised for both runs. AppTest, caches cleared before each "
+        "(`moelens.analysis.summarize`: `summary_expert_counts`, `_tokens`, `_coactivation`, `_transitions`, `_token_experts`, "
+        "`_token_ids`, `_repetition`) stored for both runs. AppTest, caches cleared before each "
         "timed render (imports warm). Goal: ≤ 2 s per page.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average "

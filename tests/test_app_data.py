@@ -1,8 +1,9 @@
-"""The app's data layer on big-run terms: caches keyed by run version, frames from derived summaries equal to
-the analyses, bounded streamed run-vs-run passes equal to the whole-run computation. Real stores throughout."""
+"""The app's data layer on big-run terms: caches keyed by run version, pages that read a run's derived summaries
+(not its routing) and get the analyses' frames, bounded streamed run-vs-run passes equal to the whole-run computation. Real stores throughout."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,55 +18,65 @@ sys.path.insert(0, str(ROOT / "tests"))
 import moelens.analysis as analysis  # noqa: E402
 from app_fixtures import make_store  # noqa: E402
 from moelens import TraceStore  # noqa: E402
-from workbench import data, summaries  # noqa: E402
+from workbench import bounded, data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("appdata") / "s.duckdb"
     make_store(path)
-    summaries.materialise(TraceStore(path), 1)
+    analysis.summarize(TraceStore(path), 1)
     return path
 
 
-CASES = [
+#: What the Experts and Co-activation pages ask ``data.analysis`` for on a run with summaries.
+PAGE_CASES = [
     ("expert_load", {}),
     ("expert_load", {"by_label": True}),
     ("layer_balance", {}),
     ("coactivation", {}),
-    ("expert_top_tokens", {"layer": 2, "expert": 3, "n": 10, "n_contexts": 3}),
-    ("expert_top_tokens", {"layer": 1, "expert": 0, "n": 5, "n_contexts": 2, "window": 2}),
-    ("shared_expert_stats", {}),
     ("cross_layer_transitions", {}),
+    ("expert_top_tokens", {"layer": 2, "expert": 3, "n": 10, "n_contexts": 0}),
+    ("shared_expert_stats", {}),
 ]
 
 
-@pytest.mark.parametrize(("name", "params"), CASES)
-def test_frames_from_summaries_equal_the_analyses(small: Path, name: str, params: dict) -> None:
+@pytest.fixture(scope="module")
+def without_routing(small: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of ``small`` whose run 1 has its summaries but no routing rows, and the analyses of run 1
+    computed on the original before the rows were deleted."""
+    want = {(n, tuple(sorted(p.items()))): getattr(analysis, n)(TraceStore(small, read_only=True), 1, **p) for n, p in PAGE_CASES}
+    path = tmp_path_factory.mktemp("norouting") / "s.duckdb"
+    shutil.copy(small, path)
+    with TraceStore(path).connect(write=True) as con:
+        con.execute("DELETE FROM routing WHERE run_id = 1")
+    return path, want
+
+
+@pytest.mark.parametrize(("name", "params"), PAGE_CASES)
+def test_pages_read_summaries_not_routing(without_routing: tuple[Path, dict], name: str, params: dict) -> None:
+    path, want = without_routing
+    got = data.analysis(str(path), name, 1, **params)
+    expected = want[(name, tuple(sorted(params.items())))]
+    assert len(expected) or name == "shared_expert_stats"
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("params", [{"layer": 2, "expert": 3, "n": 10, "n_contexts": 3},
+                                    {"layer": 1, "expert": 0, "n": 5, "n_contexts": 2, "window": 2}])
+def test_bounded_top_tokens_equal_the_analysis(small: Path, params: dict) -> None:
     store = TraceStore(small, read_only=True)
-    derived = summaries.derive(name, params, tuple(store.summary_names(1)))
-    assert derived is not None
-    got, want = derived(store, 1), getattr(analysis, name)(store, 1, **params)
-    assert len(want)  or name == "shared_expert_stats"
-    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    quick = bounded.shortcut("expert_top_tokens", params, tuple(store.summary_names(1)))
+    assert quick is not None
+    pd.testing.assert_frame_equal(quick(store, 1), analysis.expert_top_tokens(store, 1, **params), check_dtype=False)
 
 
-def test_what_a_summary_cannot_answer_goes_to_the_analysis(small: Path) -> None:
-    names = ("expert_load", "coactivation", "token_expert")
-    assert summaries.derive("coactivation", {"variant": "adjacent"}, names) is None
-    assert summaries.derive("expert_load", {"phase": "prompt"}, names) is None
-    assert summaries.derive("expert_top_tokens", {"layer": 1, "expert": 0, "target": "next"}, names) is None
-    assert summaries.derive("expert_load", {}, ()) is None  # not materialised
-    assert summaries.derive("srp", {}, names) is None
-
-
-def test_reference_summary_sql_is_the_same_in_both_layouts(small: Path, tmp_path: Path) -> None:
-    store = TraceStore(small, read_only=True)
-    store.export_parquet(1, tmp_path / "ds")
-    ds = TraceStore(tmp_path / "ds")
-    for name in summaries.SQL:
-        assert ds.read_summary(1, name).equals(store.read_summary(1, name))
-    pd.testing.assert_frame_equal(summaries.coactivation(ds, 1), summaries.coactivation(store, 1))
+def test_what_bounded_reads_cannot_answer_goes_to_the_analysis() -> None:
+    names = ("token_experts",)
+    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0, "target": "next"}, names) is None
+    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0, "phase": "prompt"}, names) is None
+    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0}, ()) is None  # not summarised
+    assert bounded.shortcut("expert_load", {}, names) is None  # the analysis reads its summaries itself
 
 
 def test_cache_key_survives_another_recording_and_moves_when_the_run_finishes(tmp_path: Path) -> None:
@@ -81,8 +92,8 @@ def test_cache_key_survives_another_recording_and_moves_when_the_run_finishes(tm
     assert data.stamp(path) != 0 and data.run_key(str(path), data.stamp(path), done) == key_done
     store.finish_run(live)
     assert data.run_key(str(path), data.stamp(path), live) != key_live
-    summaries.materialise(store, done, ("expert_load",))  # new summaries are a new key (pages switch to them)
-    assert data.run_key(str(path), data.stamp(path), done)[1] == ("expert_load",)
+    analysis.summarize(store, done)  # new summaries are a new key (pages switch to them)
+    assert "expert_counts" in data.run_key(str(path), data.stamp(path), done)[1]
 
 
 def test_streamed_sequence_agreement_equals_the_whole_run_pass(small: Path, monkeypatch) -> None:

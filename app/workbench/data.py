@@ -2,15 +2,16 @@
 
 Public functions take ``(db, stamp, run, ...)``. ``stamp`` changes whenever the store changes on disk; it only
 decides when to look the run up again (`run_key`: one tiny query). What is cached *per run* is keyed by
-``store.run_version(run)`` — (store, run, completion time, status) — plus the run's materialised summaries: a
+``store.run_version(run)`` — (store, run, completion time, status) — plus the run's derived summaries: a
 completed run is immutable, so recording another run into the same store keeps every cached result of this one,
 while a run still recording is re-read as its rows arrive.
 Connections are short-lived (`TraceStore` opens one per query), so the app never blocks a recorder for long.
 
 The analyses are *called*, never re-implemented: `analysis(db, "expert_load", run, by_label=True)` calls
-``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame — except where the run has
-a derived summary that answers the same question (`workbench.summaries`): then the page reads the summary
-(thousands of rows) instead of the routing (hundreds of millions on a real model).
+``moelens.analysis.expert_load(store, run, by_label=True)`` and caches the DataFrame. The count-based analyses
+finish from the run's derived summaries (`moelens.analysis.summarize`) when it has them, so such a page reads
+thousands of rows instead of the routing (hundreds of millions on a real model); two Experts-page analyses that
+have no summary-based finish are answered by bounded reads (`workbench.bounded`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import streamlit as st
 
 from moelens.errors import MoelensError
 from moelens.store import TraceStore
-from workbench import summaries
+from workbench import bounded
 
 if TYPE_CHECKING:
     from moelens.analysis import RoutingData
@@ -224,9 +225,9 @@ def _function(name: str):
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _analysis(db: str, key: tuple, name: str, run: int, params: tuple) -> Any:
-    derived = summaries.derive(name, dict(params), key[1])
+    quick = bounded.shortcut(name, dict(params), key[1])
     with batch(db) as store:
-        frame = derived(store, int(run)) if derived is not None else None
+        frame = quick(store, int(run)) if quick is not None else None
         return frame if frame is not None else _function(name)(store, int(run), **dict(params))
 
 
@@ -247,7 +248,7 @@ def _freeze(params: dict[str, Any]) -> tuple:
 
 
 def analysis(db: str, name: str, run: int, **params: Any) -> Any:
-    """``moelens.analysis.<name>(store, run, **params)`` (or the same frame from the run's summary), cached by
+    """``moelens.analysis.<name>(store, run, **params)`` (or the same frame from bounded reads), cached by
     (db, run version, summaries, params)."""
     _function(name)  # raise AnalysisUnavailable before touching the cache
     return _analysis(str(db), run_key(str(db), stamp(db), int(run)), name, int(run), _freeze(params))
@@ -292,7 +293,7 @@ def _read_range(store: TraceStore, run: int, lo: int, hi: int) -> RoutingData:
 
     from moelens.analysis import RoutingData
 
-    lay = summaries.run_layers(store, run)
+    lay = bounded.run_layers(store, run)
     toks = store.arrow("SELECT seq_id, pos, token_id FROM tokens WHERE run_id = ? AND seq_id BETWEEN ? AND ? "
                        "ORDER BY seq_id, pos", [int(run), int(lo), int(hi)])
     rows = store.arrow("SELECT seq_id, pos, layer, rank, expert, weight FROM routing WHERE run_id = ? "
