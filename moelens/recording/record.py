@@ -332,11 +332,19 @@ def _generated_length(new_ids: np.ndarray, eos: set[int]) -> int:
 
 
 def _cache_argument(model: Any, out: Any) -> dict[str, Any]:
-    """The generation's KV cache as the forward wants it: ``cache`` since transformers 5.24 (the old
-    ``past_key_values`` name is removed in 5.40), ``past_key_values`` before."""
-    new_name = "cache" in inspect.signature(model.forward).parameters
-    cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
-    return {"cache" if new_name else "past_key_values": cache}
+    """The generation's KV cache as the forward wants it (see `cache_keyword`)."""
+    return {cache_keyword(model): output_cache(out)}
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's KV-cache keyword: ``cache`` since transformers 5.24 (the old ``past_key_values`` name is
+    removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward or ``generate`` returned, under either name."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
 # -- columns -------------------------------------------------------------------------------------------

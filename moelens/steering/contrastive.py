@@ -26,7 +26,7 @@ from moelens.adapters import RoutingCapture, find_routers
 from moelens.errors import InputError, SteeringError
 from moelens.recording.batch import RowMap, routing_columns
 from moelens.recording.inputs import documents
-from moelens.recording.record import _sequence_columns, _token_columns, layer_rows, run_fields
+from moelens.recording.record import _sequence_columns, _token_columns, cache_keyword, layer_rows, output_cache, run_fields
 from moelens.recording.tokenize import decoded_texts, make_chunk
 from moelens.recording.tokenize import Chunk, chunk_documents
 from moelens.recording.writer import RunWriter
@@ -128,6 +128,7 @@ def _decode(module: Any, prompt: list[int], strong: SteeringSpec, weak: Steering
         strong_info = find_routers(module)  # the strong routing's k, for decoding its router outputs
     step_ids = torch.tensor([prompt], device=device)
     caches: dict[str, Any] = {"strong": None, "weak": None}
+    cache_name = cache_keyword(module)
     calls: list = []
     predicted: list[int] = []
     new_ids: list[int] = []
@@ -137,11 +138,11 @@ def _decode(module: Any, prompt: list[int], strong: SteeringSpec, weak: Steering
         with steer(module, spec):
             if which == "strong":
                 with RoutingCapture(module, strong_info) as capture:
-                    out = module(input_ids=ids, past_key_values=caches[which], use_cache=True)
+                    out = module(input_ids=ids, **{cache_name: caches[which]}, use_cache=True)
                 calls.extend(capture.pop())
             else:
-                out = module(input_ids=ids, past_key_values=caches[which], use_cache=True)
-        caches[which] = out.past_key_values
+                out = module(input_ids=ids, **{cache_name: caches[which]}, use_cache=True)
+        caches[which] = output_cache(out)
         return out.logits[:, -1]
 
     stop = "length"
