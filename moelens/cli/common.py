@@ -123,10 +123,9 @@ def resolve_model(spec: str, *, device: str | None = None, device_map: str | Non
     from moelens.threads import apply_thread_policy
 
     apply_thread_policy()
-    if spec in ("demo", "demo:early"):
-        from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
+    from moelens.demo import model_path
 
-        spec = str(DEMO_EARLY_DIR if spec == "demo:early" else DEMO_MODEL_DIR)
+    spec = model_path(spec)
     if spec.startswith("tiny:"):
         return (*_tiny(spec[5:], device=device, dtype=dtype), spec)
     from moelens.recording.loading import load_model, parse_device_map

@@ -70,10 +70,9 @@ def _tokenizer_or_none(spec: str, trust_remote_code: bool):
         return tiny_tokenizer(tiny_config(spec[5:]).vocab_size)
     from transformers import AutoTokenizer
 
-    if spec in ("demo", "demo:early"):
-        from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
+    from moelens.demo import model_path
 
-        spec = str(DEMO_EARLY_DIR if spec == "demo:early" else DEMO_MODEL_DIR)
+    spec = model_path(spec)
     try:
         return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

@@ -11,7 +11,7 @@ import gzip
 import json
 from pathlib import Path
 
-__all__ = ["DATA_DIR", "DEMO_EARLY_DIR", "DEMO_MODEL_DIR", "DOMAINS", "load_corpus"]
+__all__ = ["DATA_DIR", "DEMO_EARLY_DIR", "DEMO_MODEL_DIR", "DOMAINS", "load_corpus", "model_path"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -23,6 +23,12 @@ DATA_DIR = _HERE / "data"
 DEMO_MODEL_DIR = _HERE / "model"
 #: A checkpoint of the same run early in training (about 15 % of the steps), for before/after comparisons.
 DEMO_EARLY_DIR = _HERE / "checkpoints" / "early"
+
+
+def model_path(spec: str) -> str:
+    """The folder a model spec names: ``demo`` / ``demo:early`` are the bundled model and its early checkpoint;
+    anything else (a folder, a hub id, ``tiny:TYPE``) is returned as it is."""
+    return {"demo": str(DEMO_MODEL_DIR), "demo:early": str(DEMO_EARLY_DIR)}.get(spec, spec)
 
 
 def load_corpus(split: str = "heldout") -> list[dict]:

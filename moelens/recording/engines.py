@@ -314,10 +314,9 @@ def layout_model(spec: str, *, trust_remote_code: bool = False, revision: str | 
         except ValueError as exc:
             raise InputError(f"{spec!r}: transformers has no model type {spec[5:]!r}") from exc
     else:
-        if spec in ("demo", "demo:early"):
-            from moelens.demo import DEMO_EARLY_DIR, DEMO_MODEL_DIR
+        from moelens.demo import model_path
 
-            spec = str(DEMO_EARLY_DIR if spec == "demo:early" else DEMO_MODEL_DIR)
+        spec = model_path(spec)
         try:
             config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, revision=revision)
         except (OSError, ValueError) as exc:
