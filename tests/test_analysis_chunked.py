@@ -239,3 +239,23 @@ def test_cli_summarize_and_ray_engine(tmp_path, ray_cluster) -> None:
     got = moelens("analyze", "layer_balance", "--run", "2", "--db", str(folder), "--engine", "ray", "--format", "csv")
     assert pd.read_csv(io.StringIO(got.stdout))["entropy"].tolist() == pytest.approx(A.layer_balance(data)["entropy"].tolist())
     assert moelens("analyze", "expert_load", "--run", str(run), "--db", str(db), "--engine", "ray", check=False).returncode == 1
+
+
+def test_progress_and_pass_budget(store: TraceStore) -> None:
+    """``progress`` is called once per streamed batch; ``max_pass_slots`` refuses a larger pass with
+    `NeedsFullPass` (saying its size) but never a result the summaries can give."""
+    from moelens.analysis import NeedsFullPass
+
+    data = A.synthetic(600, 3, 8, 2, seed=3, seq_len=50)
+    run = A.write_run(store, data)
+    seen: list[tuple[int, int]] = []
+    streamed = A.run_score(store, run, "expert_load", target_slots=900, progress=lambda d, t: seen.append((d, t)))
+    assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and len(seen) > 1 and {t for _, t in seen} == {len(seen)}
+    A.clear_cache()
+    with pytest.raises(NeedsFullPass, match="600 tokens") as err:
+        A.run_score(store, run, "expert_load", max_pass_slots=100)
+    assert err.value.n_slots == 600 * 3 * 2
+    assert A.run_score(store, run, "expert_load", max_pass_slots=10**6).equals(streamed)
+    A.clear_cache()
+    summarize(store, run)
+    assert A.run_score(store, run, "expert_load", max_pass_slots=0).equals(streamed)

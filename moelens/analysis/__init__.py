@@ -12,7 +12,7 @@ need them.
 """
 
 from moelens.analysis.agreement import run_agreement
-from moelens.analysis.chunked import Chunked, Context, compute, compute_partial
+from moelens.analysis.chunked import Chunked, Context, NeedsFullPass, compute, compute_partial
 from moelens.analysis.coactivation import coactivation
 from moelens.analysis.committee import audit_committee, committee_lists, committee_lists_from_long, committee_share, standing_committee
 from moelens.analysis.data import PHASES, RoutingData
@@ -55,6 +55,7 @@ __all__ = [
     "committee_lists",
     "committee_lists_from_long",
     "committee_share",
+    "NeedsFullPass",
     "compute",
     "compute_partial",
     "cross_layer_consistency",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
@@ -28,12 +28,9 @@ import pandas as pd
 from moelens.analysis.data import RoutingData
 from moelens.analysis.loading import run_key
 from moelens.analysis.stream import TARGET_SLOTS, RunStream, check_phase, seq_range, split_sequences
-from moelens.errors import InputError
+from moelens.errors import InputError, MoelensError
 
 ENGINES = ("local", "ray")
-
-#: The keyword arguments every score passes on to `compute` (how to run, not what to compute).
-HOW = ("engine", "address", "batches", "target_slots")
 
 #: Score results kept per process (small tables; the app asks for the same ones on every interaction).
 RESULT_CACHE_SIZE = 128
@@ -234,8 +231,20 @@ def compute(chunked: Chunked, source: Any, run: int | None = None, **options: An
     return df
 
 
-#: How a score runs rather than what it computes: accepted by every score function next to its parameters.
-HOW_OPTIONS = ("engine", "address", "batches", "target_slots")
+#: How a score runs rather than what it computes: accepted by every score function next to its parameters
+#: (``progress(done, total)`` is called after each streamed batch; ``max_pass_slots`` refuses, with
+#: `NeedsFullPass`, a streamed pass over more routing slots than that — what an interactive caller such as
+#: the app uses to put a long pass behind a button instead of starting it on its own).
+HOW_OPTIONS = ("engine", "address", "batches", "target_slots", "progress", "max_pass_slots")
+
+
+class NeedsFullPass(MoelensError):
+    """The result needs a streamed pass over the run's routing (it cannot finish from the derived summaries)
+    and the pass is larger than the caller's ``max_pass_slots``."""
+
+    def __init__(self, what: str, n_tokens: int, n_slots: int, n_batches: int):
+        self.what, self.n_tokens, self.n_slots, self.n_batches = what, n_tokens, n_slots, n_batches
+        super().__init__(f"{what} needs a pass over {n_tokens:,} tokens ({n_slots:,} routing slots, {n_batches} batches)")
 
 
 def compute_partial(
@@ -250,11 +259,13 @@ def compute_partial(
     target_slots: int = TARGET_SLOTS,
     source_b: Any = None,
     run_b: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_pass_slots: int | None = None,
 ) -> tuple[Any, Context]:
     """The merged partial of a `Chunked` score and its `Context`, on a `RoutingData` (one batch, or ``batches`` sequences per batch) or a store's
     run (streamed in batches of ~``target_slots`` routing slots; ``engine="ray"`` maps the shards of a
     partitioned Parquet store on a Ray cluster at ``address``, None = a local one). Paired scores take the
-    second run as (``source_b``, ``run_b``)."""
+    second run as (``source_b``, ``run_b``). ``progress`` and ``max_pass_slots``: see `HOW_OPTIONS`."""
     from moelens.store import TraceStore
 
     check_phase(phase)
@@ -268,7 +279,7 @@ def compute_partial(
         raise TypeError(f"source must be a TraceStore or a RoutingData, not {type(source).__name__}")
     if run is None:
         raise InputError("give the run id: score(store, run, ...)")
-    return _streamed(chunked, source, int(run), phase, engine, address, target_slots, source_b, run_b)
+    return _streamed(chunked, source, int(run), phase, engine, address, target_slots, source_b, run_b, progress, max_pass_slots)
 
 
 def context(source: Any, run: int | None = None, *, phase: str | None = None) -> Context:
@@ -348,7 +359,7 @@ def _same_sequences(data: RoutingData, batch: RoutingData) -> RoutingData:
 
 def _streamed(
     chunked: Chunked, store: Any, run: int, phase: str | None, engine: str, address: str | None, target_slots: int,
-    source_b: Any, run_b: int | None,
+    source_b: Any, run_b: int | None, progress: Callable[[int, int], None] | None, max_pass_slots: int | None,
 ) -> tuple[Any, Context]:  # fmt: skip
     with RunStream(store, run, phase=phase, target_slots=target_slots) as stream:
         ctx = Context(stream.meta, stream.n_tokens, stream.sequences())
@@ -356,15 +367,28 @@ def _streamed(
         ctx = replace(ctx, chunked=chunked)
         stream.restrict(chunked.select_sequences(stream.seq_ids))
         partial = chunked.from_summaries(store, ctx) if engine == "local" else None
+        if partial is None and max_pass_slots is not None:
+            n_slots = int(stream.meta.n_layers * stream.meta.k_max) * stream.planned_tokens
+            if n_slots > max_pass_slots:
+                raise NeedsFullPass(type(chunked).__name__, stream.planned_tokens, n_slots, len(stream.ranges))
         if partial is None and engine == "ray":
             from moelens.analysis.distributed import map_shards
 
             partial = map_shards(chunked, store, run, phase, target_slots, address, run_b)
         elif partial is None:
-            partial = merge_all(chunked, (chunked.map(p) for p in stream_partials(chunked, stream, source_b, run_b)))
+            partial = merge_all(chunked, (chunked.map(p) for p in _reporting(stream_partials(chunked, stream, source_b, run_b),
+                                                                             len(stream.ranges), progress)))
         if partial is None:
             partial = chunked.map((ctx.meta, ctx.meta) if chunked.paired else ctx.meta)
     return partial, ctx
+
+
+def _reporting(items: Iterable[Any], total: int, progress: Callable[[int, int], None] | None) -> Iterable[Any]:
+    """``items``, calling ``progress(done, total)`` after each one is consumed."""
+    for done, item in enumerate(items, 1):
+        yield item
+        if progress is not None:
+            progress(done, total)
 
 
 def stream_partials(chunked: Chunked, stream: RunStream, source_b: Any = None, run_b: int | None = None) -> Iterable[Any]:

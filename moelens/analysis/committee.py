@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import HOW, Chunked, High, Low, compute_partial
+from moelens.analysis.chunked import HOW_OPTIONS, Chunked, High, Low, compute_partial
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.errors import InputError
 
@@ -323,7 +323,7 @@ def committee_share(
     over the label's units (all tokens by default). ``committee`` is a `standing_committee` result or
     {layer: [experts]}; by default it is computed with ``committee_params`` (a second pass). [moelens]
     (the paper's "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
-    how = {k: committee_params.pop(k) for k in list(committee_params) if k in HOW}
+    how = {k: committee_params.pop(k) for k in list(committee_params) if k in HOW_OPTIONS}
     if committee is None:
         committee = standing_committee(source, run, phase=phase, **committee_params, **how)
     members = dict(zip(committee["layer"], committee["committee"])) if isinstance(committee, pd.DataFrame) else dict(committee)

@@ -68,6 +68,7 @@ class RunStream:
         self.n_tokens = int(self.sizes.sum())
         slots_per_token = max(1, int(self.meta.n_layers * self.meta.k_max))
         self.ranges = sequence_ranges(self.seq_ids, self.sizes, self.target_slots // slots_per_token)
+        self.planned_tokens = self.n_tokens  #: tokens the batches will read (fewer after `restrict`)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -78,6 +79,7 @@ class RunStream:
         consecutive kept sequences only, so no other sequence is read."""
         if keep is None or keep.all():
             return
+        self.planned_tokens = int(self.sizes[keep].sum())
         slots_per_token = max(1, int(self.meta.n_layers * self.meta.k_max))
         idx = np.flatnonzero(keep)
         runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if len(idx) else []
