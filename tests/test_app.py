@@ -215,9 +215,7 @@ def test_compare_shows_the_steered_layer(fixture_store: dict) -> None:
     assert any("changed their expert set at layer" in c.value for c in at.caption), "per-token view at once"
     names = {t["name"] for t in spec["data"]}
     assert {"chance, top-k overlap (k/E)", "chance, same top-1 (1/E)"} <= names
-    at.toggle(key="cmp_score").set_value(True).run()
-    assert not problems(at)
-    assert any("shorter than 16 tokens left out" in c.value for c in at.caption)
+    assert any("shorter than 16 tokens left out" in c.value for c in at.caption), "the ranking at once on a small run"
 
 
 def test_default_run_and_pair_ignore_steering_side_runs() -> None:

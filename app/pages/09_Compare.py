@@ -51,20 +51,9 @@ if agree is not None:
 
 st.header("Where the routing changed most")
 per_seq = None
-key = ("sequence_agreement", db, stamp, a, b)
-score = False
 if agree is not None and len(agree):
-    score = st.toggle(
-        "Rank the sequences by how much their routing changed (run_agreement per sequence; a few seconds on a large run)",
-        value=data.was_computed(key), key="cmp_score",
-    )
-if score:
-    try:
-        with st.spinner("Scoring each sequence …"):
-            per_seq = data.sequence_agreement(db, stamp, a, b, off="cmp_score")
-        data.mark_computed(key)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error("Per-sequence agreement failed", exc)
+    st.caption("The sequences ranked by how much their routing changed: run_agreement of each sequence on its own.")
+    per_seq = ui.guarded("sequence_agreement", "Scoring each sequence …", lambda: data.sequence_agreement(db, stamp, a, b))
 seqs_a = data.sequences(db, stamp, a)
 seqs_b = data.sequences(db, stamp, b)
 common = sorted(set(seqs_a["seq_id"]) & set(seqs_b["seq_id"]))

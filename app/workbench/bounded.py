@@ -1,10 +1,11 @@
-"""Bounded reads that answer two Experts-page analyses on a big run without a pass over its routing; everything
+"""Bounded reads that answer a few page analyses on a big run without a pass over its routing; everything
 else a page shows comes from the analysis functions, which finish from the run's derived summaries
 (`moelens.analysis.summarize`) themselves.
 
 * `expert_top_tokens` (input tokens, every phase): the ``summary_token_experts`` rows of one (layer, expert),
   the top ids' totals and text, and their first routed occurrences searched in growing seq_id windows;
-* `shared_expert_stats`: the empty frame when the run has no shared-expert gates (one indexed count).
+* `shared_expert_stats`: the empty frame when the run has no shared-expert gates (one indexed count);
+* `router_token_stats` of one sequence: the analysis on that sequence alone (one seq_id-range read with its logits).
 
 Each returns None when it cannot answer (no summary, another target or phase); the caller then runs the analysis.
 Each result equals the analysis function's frame (tests/test_app_data.py).
@@ -32,6 +33,8 @@ def shortcut(name: str, params: dict[str, Any], available: tuple[str, ...]) -> A
         return lambda store, run: expert_top_tokens(store, run, **{k: v for k, v in params.items() if k not in ("target", "phase")})
     if name == "shared_expert_stats" and not params:
         return shared_expert_stats
+    if name == "router_token_stats" and params.get("seq_id") is not None and set(params) <= {"layer", "seq_id", "near_tie", "phase"}:
+        return lambda store, run: router_token_stats(store, run, **{k: v for k, v in params.items() if k != "phase"})
     return None
 
 
@@ -130,3 +133,14 @@ def shared_expert_stats(store: Any, run: int) -> pd.DataFrame | None:
         return None
     columns = ["layer", "n_tokens", "mean_gate", "std_gate", "min_gate", "max_gate"]
     return _params(pd.DataFrame(columns=columns), "shared_expert_stats", run)
+
+
+def router_token_stats(store: Any, run: int, layer: int, seq_id: int, near_tie: float = 0.02) -> pd.DataFrame:
+    """`moelens.analysis.router_token_stats` of one sequence, on that sequence read alone (with its text and the
+    layer's router logits) instead of the whole run."""
+    from moelens.analysis import router_token_stats as score
+    from moelens.analysis.stream import RunStream
+
+    with RunStream(store, int(run)) as stream:
+        one = stream.read((int(seq_id), int(seq_id)), text=True, logits_layer=int(layer))
+    return score(one, layer=int(layer), seq_id=int(seq_id), near_tie=near_tie)

@@ -17,7 +17,10 @@ have no summary-based finish are answered by bounded reads (`workbench.bounded`)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import inspect
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -224,18 +227,18 @@ def _function(name: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _analysis(db: str, key: tuple, name: str, run: int, params: tuple) -> Any:
+def _analysis(db: str, key: tuple, name: str, run: int, params: tuple, _budget: int | None = None) -> Any:
     quick = bounded.shortcut(name, dict(params), key[1])
     with batch(db) as store:
         frame = quick(store, int(run)) if quick is not None else None
-        return frame if frame is not None else _function(name)(store, int(run), **dict(params))
+        return frame if frame is not None else _function(name)(store, int(run), **dict(params), **_how(name, _budget))
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _analysis_pair(db: str, keys: tuple, name: str, run_a: int, run_b: int, params: tuple) -> Any:
+def _analysis_pair(db: str, keys: tuple, name: str, run_a: int, run_b: int, params: tuple, _budget: int | None = None) -> Any:
     fn = _function(name)
     with batch(db) as store:
-        return fn(store, int(run_a), int(run_b), **dict(params))
+        return fn(store, int(run_a), int(run_b), **dict(params), **_how(name, _budget))
 
 
 def _freeze(params: dict[str, Any]) -> tuple:
@@ -249,42 +252,136 @@ def _freeze(params: dict[str, Any]) -> tuple:
 
 def analysis(db: str, name: str, run: int, **params: Any) -> Any:
     """``moelens.analysis.<name>(store, run, **params)`` (or the same frame from bounded reads), cached by
-    (db, run version, summaries, params)."""
-    _function(name)  # raise AnalysisUnavailable before touching the cache
-    return _analysis(str(db), run_key(str(db), stamp(db), int(run)), name, int(run), _freeze(params))
+    (db, run version, summaries, params). A result that needs a pass over more than `pass_slots` routing slots
+    raises `PassNeeded` (whose ``run`` computes it) instead of starting that pass."""
+    fn = _function(name)  # raise AnalysisUnavailable before touching the cache
+    db, run = str(db), int(run)
+    key, frozen = run_key(db, stamp(db), run), _freeze(params)
+
+    def full(progress: Progress) -> Any:
+        with batch(db) as store:
+            return fn(store, run, **params, **_how(name, None, progress))
+
+    size = None if takes_how(name) or bounded.shortcut(name, params, key[1]) else run_size(db, run)
+    return within_budget(("analysis", db, key, name, run, frozen), f"`{name}`",
+                         lambda budget: _analysis(db, key, name, run, frozen, _budget=budget), full, size)
 
 
 def analysis_pair(db: str, name: str, run_a: int, run_b: int, **params: Any) -> Any:
-    """``moelens.analysis.<name>(store, run_a, run_b, **params)`` (e.g. ``run_agreement``), cached."""
-    _function(name)
-    now = stamp(db)
-    keys = (run_key(str(db), now, int(run_a)), run_key(str(db), now, int(run_b)))
-    return _analysis_pair(str(db), keys, name, int(run_a), int(run_b), _freeze(params))
+    """``moelens.analysis.<name>(store, run_a, run_b, **params)`` (e.g. ``run_agreement``), cached; a long pass
+    raises `PassNeeded` as in `analysis`."""
+    fn = _function(name)
+    db, now = str(db), stamp(db)
+    keys, frozen = (run_key(db, now, int(run_a)), run_key(db, now, int(run_b))), _freeze(params)
+
+    def full(progress: Progress) -> Any:
+        with batch(db) as store:
+            return fn(store, int(run_a), int(run_b), **params, **_how(name, None, progress))
+
+    return within_budget(("pair", db, keys, name, int(run_a), int(run_b), frozen), f"`{name}` of runs #{run_a} and #{run_b}",
+                         lambda budget: _analysis_pair(db, keys, name, int(run_a), int(run_b), frozen, _budget=budget), full)
+
+
+# -- passes over a whole run: within a budget at once, else on request -------------------------------------
+
+#: ``progress(done, total)``, called after each batch of a pass.
+Progress = Callable[[int, int], None]
+
+#: The environment variable that sets `pass_slots` (an integer; ``none`` = no limit).
+PASS_SLOTS_ENV = "MOELENS_PASS_SLOTS"
+#: Routing slots (tokens × layers × top-k) a page reads on its own before it asks for a click: about one
+#: streamed batch (`moelens.analysis.stream.TARGET_SLOTS`), 1–2 s. Every run of the demo store fits under it.
+DEFAULT_PASS_SLOTS = 1 << 25
+
+
+def pass_slots() -> int | None:
+    """The pass budget: ``$MOELENS_PASS_SLOTS`` when set (``none``: no limit), else `DEFAULT_PASS_SLOTS`."""
+    raw = os.environ.get(PASS_SLOTS_ENV, "").strip().lower()
+    if raw in ("none", "off", "unlimited"):
+        return None
+    try:
+        return int(raw) if raw else DEFAULT_PASS_SLOTS
+    except ValueError:
+        return DEFAULT_PASS_SLOTS
+
+
+class PassNeeded(Exception):
+    """A result that needs a pass over a run larger than `pass_slots`: what it is, how big, and ``run(progress)``
+    that computes it (then kept like any cached result, see `run_pass`)."""
+
+    def __init__(self, ident: tuple, what: str, n_tokens: int, n_batches: int, run: Callable[[Progress], Any]):
+        self.ident, self.what, self.n_tokens, self.n_batches, self.run = ident, what, n_tokens, n_batches, run
+        super().__init__(f"{what} needs a pass over {n_tokens:,} tokens of this run (≈ {n_batches:,} batches)")
+
+    @property
+    def key(self) -> str:
+        """A short stable id of this result, for widget keys."""
+        return hashlib.sha1(repr(self.ident).encode()).hexdigest()[:12]
+
+
+def within_budget(ident: tuple, what: str, quick: Callable[[int | None], Any], full: Callable[[Progress], Any],
+                  size: tuple[int, int] | None = None) -> Any:
+    """The result ``ident``: kept from an earlier `run_pass`, else ``quick(budget)`` — which either answers (from
+    summaries, bounded reads or a pass within the budget) or raises `NeedsFullPass` — unless ``size`` = (tokens,
+    routing slots) the result must read is known to exceed the budget. Over the budget: `PassNeeded` with ``full``."""
+    from moelens.analysis.chunked import NeedsFullPass
+    from moelens.analysis.stream import TARGET_SLOTS
+
+    with contextlib.suppress(LookupError):
+        return _kept(ident)
+    budget = pass_slots()
+    if size is not None and budget is not None and size[1] > budget:
+        raise PassNeeded(ident, what, size[0], -(-size[1] // TARGET_SLOTS), full)
+    try:
+        return quick(budget)
+    except NeedsFullPass as exc:
+        raise PassNeeded(ident, what, exc.n_tokens, exc.n_batches, full) from None
+
+
+def run_pass(needed: PassNeeded, progress: Progress) -> Any:
+    """Compute what ``needed`` stands for (``progress`` after each batch) and keep it, so every later render
+    shows it without a click."""
+    value = needed.run(progress)
+    _kept(needed.ident, _value=value)
+    return value
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _kept(ident: tuple, _value: Any = None) -> Any:
+    """Results of passes run on request, cached like every other result (by run version): called with the
+    value it stores it, without one it returns the stored value or raises LookupError (which is not cached)."""
+    if _value is None:
+        raise LookupError(ident)
+    return _value
+
+
+def takes_how(name: str) -> bool:
+    """Whether ``moelens.analysis.<name>`` accepts the pass options (``progress``, ``max_pass_slots``)."""
+    sig = inspect.signature(_function(name))
+    return "max_pass_slots" in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _how(name: str, budget: int | None, progress: Progress | None = None) -> dict[str, Any]:
+    if not takes_how(name):
+        return {}
+    return {k: v for k, v in (("max_pass_slots", budget), ("progress", progress)) if v is not None}
+
+
+def run_size(db: str, run: int, n_tokens: int | None = None) -> tuple[int, int]:
+    """(tokens, routing slots) of a pass over ``run`` (or over ``n_tokens`` of its tokens): tokens × layers × top-k."""
+    bundle = run_bundle(db, stamp(db), int(run))
+    lay, info = bundle["layers"], bundle["info"]
+    k = int(lay["top_k"].max()) if "top_k" in lay.columns and lay["top_k"].notna().any() else int(info.get("top_k") or 1)
+    if n_tokens is None:
+        n_tokens = info.get("n_tokens")
+        if n_tokens is None or pd.isna(n_tokens):
+            n_tokens = bundle["sequences"]["n_tokens"].fillna(0).sum() if "n_tokens" in bundle["sequences"] else 0
+    tokens = int(n_tokens)
+    return tokens, tokens * max(len(lay), 1) * k
 
 
 #: Tokens per batch of the streamed run-vs-run passes (~40 MB of dense routing per run at 48 layers × top-8).
 PASS_TOKENS = 1 << 14
-
-
-def full_pass(what: str, steps: list[Any], work: Callable[[Any], Any], *, off: str | None = None) -> list[Any]:
-    """``[work(step) for step in steps]`` with a progress bar and a Stop button: the way every page runs a pass
-    over a whole run. Stop interrupts the pass (Streamlit reruns the page at once) and its callback sets the
-    session-state toggle ``off`` to False so the pass does not start again; each ``work`` result that is cached
-    (``st.cache_data``) survives, so starting again resumes where it stopped."""
-    stop_key = f"_stop_{what}"
-
-    def stopped() -> None:
-        if off is not None:
-            st.session_state[off] = False
-
-    st.button("Stop", key=stop_key, on_click=stopped, icon=":material/stop_circle:", help=f"Stop {what}")
-    bar = st.progress(0.0, text=what)
-    out = []
-    for i, step in enumerate(steps):
-        out.append(work(step))
-        bar.progress((i + 1) / max(len(steps), 1), text=f"{what}: {i + 1} of {len(steps)}")
-    bar.empty()
-    return out
 
 
 def _read_range(store: TraceStore, run: int, lo: int, hi: int) -> RoutingData:
@@ -344,10 +441,11 @@ def _agreement_batch(db: str, keys: tuple, run_a: int, run_b: int, seq_ids: tupl
     return _agreement_per(a, b, "seq_id", seq_ids)
 
 
-def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int, *, off: str | None = None) -> pd.DataFrame:
+def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int) -> pd.DataFrame:
     """``moelens.analysis.run_agreement`` of two runs restricted to each shared sequence in turn: one row per
     (seq_id, layer), so the sequences whose routing changed most can be ranked. One streamed pass over both
-    runs in batches of whole sequences (bounded memory, progress, Stop); analysis code does the scoring."""
+    runs in batches of whole sequences (bounded memory; analysis code does the scoring); over `pass_slots`
+    it raises `PassNeeded` (each batch is cached, so a stopped pass resumes where it stopped)."""
     import numpy as np
 
     keys = (run_key(db, stamp, run_a), run_key(db, stamp, run_b))
@@ -356,10 +454,19 @@ def sequence_agreement(db: str, stamp: float, run_a: int, run_b: int, *, off: st
     sizes = seqs_a.set_index("seq_id")["n_tokens"].reindex(common).fillna(1).to_numpy()
     group = (np.cumsum(sizes) - sizes) // PASS_TOKENS
     batches = [tuple(int(v) for v in common[group == g]) for g in np.unique(group)]
-    parts = full_pass("Scoring every sequence", batches,
-                      lambda ids: _agreement_batch(db, keys, int(run_a), int(run_b), ids), off=off)
-    parts = [p for p in parts if len(p)]
-    return pd.concat(parts, ignore_index=True) if parts else _no_agreement("seq_id")
+
+    def full(progress: Progress) -> pd.DataFrame:
+        parts = []
+        for i, ids in enumerate(batches, 1):
+            parts.append(_agreement_batch(db, keys, int(run_a), int(run_b), ids))
+            progress(i, len(batches))
+        parts = [p for p in parts if len(p)]
+        return pd.concat(parts, ignore_index=True) if parts else _no_agreement("seq_id")
+
+    tokens = int(sizes.sum())
+    slots = run_size(db, run_a, tokens)[1] + run_size(db, run_b, tokens)[1]  # both runs are read
+    return within_budget(("sequence_agreement", db, keys), "Ranking the sequences by agreement", lambda _: full(lambda d, t: None),
+                         full, (tokens, slots))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -405,12 +512,15 @@ class Timer:
 __all__ = [
     "AnalysisUnavailable",
     "MoelensError",
+    "PassNeeded",
     "analysis",
     "analysis_available",
     "analysis_pair",
     "experts_of",
     "layers",
     "open_store",
+    "pass_slots",
+    "run_pass",
     "run_info",
     "runs",
     "sequence_tokens",

@@ -8,11 +8,21 @@ import pandas as pd
 import streamlit as st
 
 from moelens.errors import InputError
-from workbench.data import _freeze, batch
+from workbench.data import Progress, _freeze, batch, run_key, run_size, within_budget
+
+
+def _one_step(compute: Any) -> Any:
+    """A pass with no batches of its own to report: ``run(progress)`` reporting 0 of 1, then 1 of 1."""
+    def run(progress: Progress) -> Any:
+        progress(0, 1)
+        value = compute()
+        progress(1, 1)
+        return value
+    return run
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def bootstrapped(db: str, stamp: float, name: str, run: int, n_boot: int, seed: int, params: tuple) -> pd.DataFrame:
+def bootstrapped(db: str, key: tuple, name: str, run: int, n_boot: int, seed: int, params: tuple) -> pd.DataFrame:
     """``moelens.analysis.bootstrap.bootstrap(name, store, run, n_boot=..., seed=..., **params)``, cached."""
     from moelens.analysis.bootstrap import bootstrap
 
@@ -21,7 +31,13 @@ def bootstrapped(db: str, stamp: float, name: str, run: int, n_boot: int, seed: 
 
 
 def bootstrap(db: str, stamp: float, name: str, run: int, n_boot: int, seed: int, **params: Any) -> pd.DataFrame:
-    return bootstrapped(db, stamp, name, run, n_boot, seed, _freeze(params))
+    """`bootstrapped`, within the pass budget: the bootstrap holds the run in memory and recomputes the score on
+    each resample, so a run over `data.pass_slots` raises `data.PassNeeded` instead."""
+    key, frozen = run_key(db, stamp, int(run)), _freeze(params)
+    compute = lambda: bootstrapped(db, key, name, int(run), int(n_boot), int(seed), frozen)  # noqa: E731
+    return within_budget(("bootstrap", db, key, name, int(run), int(n_boot), int(seed), frozen),
+                         f"95% intervals of `{name}` ({n_boot} resamples)", lambda _: compute(), _one_step(compute),
+                         run_size(db, int(run)))
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -89,10 +105,18 @@ def mispredicted(tokens: pd.DataFrame) -> tuple[set[int], int]:
     return {int(p) for p in t.loc[wrong, "pos"]}, int(scored.sum())
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
 def on_label(db: str, stamp: float, name: str, run: int, label: str, params: tuple) -> pd.DataFrame:
     """``moelens.analysis.<name>`` over only the tokens of sequences labelled ``label`` (any score: it gets the
-    run's `RoutingData` restricted to those tokens), so a page's label filter reaches every section."""
+    run's `RoutingData` restricted to those tokens), so a page's label filter reaches every section. It loads
+    the run, so a run over `data.pass_slots` raises `data.PassNeeded` instead."""
+    key = run_key(db, stamp, int(run))
+    compute = lambda: _on_label(db, key, name, int(run), label, params)  # noqa: E731
+    return within_budget(("on_label", db, key, name, int(run), label, params), f"`{name}` on label {label!r}",
+                         lambda _: compute(), _one_step(compute), run_size(db, int(run)))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _on_label(db: str, key: tuple, name: str, run: int, label: str, params: tuple) -> pd.DataFrame:
     import moelens.analysis as analysis
 
     with batch(db) as store:

@@ -150,10 +150,15 @@ class Page:
 
 def guarded(name: str, spinner: str, compute: Any, *, quiet: bool = False) -> Any:
     """``compute()`` under a spinner; a missing analysis is an info box (unless ``quiet``), a user-facing error a
-    warning, anything else an error with its traceback: the page goes on, the result is None."""
+    warning, anything else an error with its traceback: the page goes on, the result is None. A result that needs
+    a pass over more of the run than the pass budget (`data.PassNeeded`) is offered behind a Compute button
+    (`offer_pass`) instead."""
     try:
-        with st.spinner(spinner):
-            return compute()
+        try:
+            with st.spinner(spinner):
+                return compute()
+        except data.PassNeeded as needed:
+            return offer_pass(needed)
     except data.AnalysisUnavailable as exc:
         if not quiet:
             st.info(f"This view needs `moelens.analysis.{name}`: {exc}.")
@@ -164,6 +169,27 @@ def guarded(name: str, spinner: str, compute: Any, *, quiet: bool = False) -> An
     except Exception as exc:  # noqa: BLE001 - show, don't crash the whole page
         show_error(f"{name} failed", exc)
         return None
+
+
+def offer_pass(needed: data.PassNeeded) -> Any:
+    """One line saying what the pass is and how big, and a Compute button; on click the pass runs with a progress
+    bar and a Stop button (Stop reruns the page at once: the pass ends at its next batch and nothing of it is
+    shown). The finished result is kept (`data.run_pass`), so later renders show it without a click."""
+    slot = st.empty()
+    box = slot.container()
+    box.info(f":material/hourglass: {needed}.")
+    if not box.button("Compute", key=f"_pass_go_{needed.key}", icon=":material/play_arrow:",
+                      help="Run this pass now; the result stays for this run."):
+        return None
+    box.button("Stop", key=f"_pass_stop_{needed.key}", icon=":material/stop_circle:", help="Stop this pass")
+    bar = box.progress(0.0, text=f"{needed.what}: starting …")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"{needed.what}: batch {done:,} of {total:,}")
+
+    value = data.run_pass(needed, progress)
+    slot.empty()
+    return value
 
 
 def ci_controls(key: str, container: Any = None) -> dict[str, int] | None:
