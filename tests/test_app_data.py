@@ -124,18 +124,3 @@ def test_the_app_opens_a_parquet_dataset(small: Path, tmp_path: Path) -> None:
         at.run()
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
-
-
-def test_compare_scores_every_sequence_with_progress_and_stop(small: Path) -> None:
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "09_Compare.py"), default_timeout=120)
-    at.session_state["moelens_db"] = str(small)
-    at.run()
-    at.toggle(key="cmp_score").set_value(True).run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert any("sorted by its least-agreeing layer" in c.value for c in at.caption)  # the ranked table is shown
-    stop = next(b for b in at.button if b.key.startswith("_stop_"))
-    stop.click().run()
-    assert at.toggle(key="cmp_score").value is False  # Stop switches the pass off instead of restarting it
-    assert not at.exception

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitDuplicateElementKey
 
 from moelens.errors import MoelensError
 from moelens.viz import figure_html, finding_of, with_finding
@@ -177,9 +178,15 @@ def offer_pass(needed: data.PassNeeded) -> Any:
     shown). The finished result is kept (`data.run_pass`), so later renders show it without a click."""
     slot = st.empty()
     box = slot.container()
-    box.info(f":material/hourglass: {needed}.")
-    if not box.button("Compute", key=f"_pass_go_{needed.key}", icon=":material/play_arrow:",
-                      help="Run this pass now; the result stays for this run."):
+    line = box.empty()  # the line goes above its button
+    try:
+        go = box.button("Compute", key=f"_pass_go_{needed.key}", icon=":material/play_arrow:",
+                        help="Run this pass now; the result stays for this run.")
+    except StreamlitDuplicateElementKey:  # the same result asked for again further down this page
+        line.caption(f"{needed.what}: its Compute button is above.")
+        return None
+    line.info(f":material/hourglass: {needed}.")
+    if not go:
         return None
     box.button("Stop", key=f"_pass_stop_{needed.key}", icon=":material/stop_circle:", help="Stop this pass")
     bar = box.progress(0.0, text=f"{needed.what}: starting …")
