@@ -182,3 +182,14 @@ def test_summaries_answer_at_once_whatever_the_budget(tmp_path: Path, monkeypatc
 def test_pass_budget_setting(raw: str, want: int | None, monkeypatch) -> None:
     monkeypatch.setenv(data.PASS_SLOTS_ENV, raw)
     assert data.pass_slots() == want
+
+
+def test_token_views_hover_a_bounded_window_of_layers() -> None:
+    from workbench import ui
+
+    routing = pd.DataFrame({"pos": 0, "layer": np.arange(48), "rank": 0, "expert": 1, "weight": 1.0})
+    near, note = ui.near_layers(routing, 46)
+    assert near["layer"].tolist() == list(range(36, 48)) and "L36–L47 (12 of 48" in note
+    assert ui.near_layers(routing, 20)[0]["layer"].tolist() == list(range(14, 26))
+    few = routing[routing["layer"] < 12]
+    assert ui.near_layers(few, 3) == (few, "")  # small models: every layer, as before

@@ -76,9 +76,10 @@ if n_scored:
                "predicted tokens (the store keeps the greedy prediction, not the per-token loss).")
 if outline == outlines[0] and query:
     st.caption(f"{len(highlight)} tokens overlap a match of {query!r}.")
+shown_routing, hover_note = ui.near_layers(routing, layer)
 view = token_html(
     toks,
-    routing,
+    shown_routing,
     layer=layer,
     highlight=highlight,
     color_by="top1" if mode == "top-1 expert" else "weight",
@@ -87,6 +88,8 @@ view = token_html(
     labels={int(seq): row["label"] if isinstance(row["label"], str) else None},
 )
 st.html(view)
+if hover_note:
+    st.caption(hover_note)
 
 prompt_len = row.get("prompt_len")
 if "phase" in toks.columns and (toks["phase"] == "generated").any():
@@ -102,11 +105,12 @@ c1.download_button(
     icon=":material/download:",
 )
 
-with st.expander("Routing table of this sequence (every layer, every rank)"):
+with st.expander("Routing table of this sequence (" + ("every layer" if not hover_note else "the hovered layers")
+                 + ", every rank)"):
     if routing.empty:
         st.info("No routing rows recorded for this sequence.")
     else:
-        wide = routing.merge(toks[["pos", "token"]], on="pos", how="left")
+        wide = shown_routing.merge(toks[["pos", "token"]], on="pos", how="left")
         wide["expert"] = wide["expert"].map(lambda e: "dropped" if e < 0 else f"E{int(e)}")
         wide = wide[["pos", "token", "layer", "rank", "expert", "weight"]]
         ui.table(wide, "tok_routing_table", ui.slug(page, "seq", seq, "routing"))

@@ -108,10 +108,12 @@ if layer is not None and same_experts:
 # Text differences (generated continuations) are always outlined.
 merged = ta[["pos", "token"]].merge(tb[["pos", "token"]], on="pos", how="outer", suffixes=("_a", "_b"))
 highlight |= {int(p) for p in merged.loc[merged["token_a"].fillna("\0") != merged["token_b"].fillna("\0"), "pos"]}
+ra, hover_note = ui.near_layers(ra, layer)
+rb, _ = ui.near_layers(rb, layer)
 c1, c2 = st.columns(2)
 with c1:
     st.html(viz.token_html(ta, ra, layer=layer, highlight=highlight, seq_titles={int(seq): f"A · run #{a}"}))
 with c2:
     st.html(viz.token_html(tb, rb, layer=layer, highlight=highlight, seq_titles={int(seq): f"B · run #{b}"}))
 st.caption("Colour = top-1 expert at the chosen layer in each run; red outline = tokens whose text differs or "
-           "whose top-k expert set at this layer differs. Hover a token for its experts at every layer.")
+           "whose top-k expert set at this layer differs. Hover a token for its experts per layer. " + hover_note)

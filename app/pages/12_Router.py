@@ -49,8 +49,9 @@ per = page.call("router_token_stats", layer=int(layer), seq_id=int(seq), near_ti
 if per is not None:
     toks, routing = data.sequence_tokens(db, stamp, page.run, int(seq))
     ties = {int(p) for p in per.loc[per["near_tie"], "pos"]}
+    routing, hover_note = ui.near_layers(routing, int(layer))
     st.html(viz.token_html(toks, routing, layer=int(layer), highlight=ties, seq_titles={int(seq): f"run #{page.run}"}))
-    st.caption(f"Red outline: the {len(ties)} near-ties of n = {len(per)} tokens at L{layer}; colour = first choice.")
+    st.caption(f"Red outline: the {len(ties)} near-ties of n = {len(per)} tokens at L{layer}; colour = first choice. {hover_note}")
     ui.table(per, "router_tokens", ui.slug(page, "router_tokens", seq, layer), height=300,
              n=f"n = {len(per)} tokens of sequence #{seq}", column_config={
                  "norm_entropy": st.column_config.ProgressColumn(format="%.2f", min_value=0.0, max_value=1.0),

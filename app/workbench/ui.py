@@ -493,6 +493,25 @@ def layer_select(page: Page, key: str, label: str = "Layer", default: int | None
     return container.selectbox(label, ids, index=idx, key=key, format_func=lambda v: f"L{v}")
 
 
+#: Layers a token view's hover lists at most: the chosen layer and its neighbours (the view's HTML grows with them;
+#: 48 layers × top-8 of a 512-token sequence is ~2 MB and 1 s to build).
+HOVER_LAYERS = 12
+
+
+def near_layers(routing: pd.DataFrame, layer: int | None, width: int = HOVER_LAYERS) -> tuple[pd.DataFrame, str]:
+    """The rows of ``routing`` at the ``width`` layers nearest ``layer`` (all of them when it has no more), and a
+    caption saying which layers the hover lists when some are left out."""
+    ids = sorted(int(v) for v in routing["layer"].unique()) if len(routing) else []
+    if len(ids) <= width or layer is None:
+        return routing, ""
+    at = ids.index(int(layer)) if int(layer) in ids else 0
+    lo = min(max(at - width // 2, 0), len(ids) - width)
+    kept = ids[lo : lo + width]
+    return (routing[routing["layer"].isin(kept)],
+            f"Hover lists layers L{kept[0]}–L{kept[-1]} ({width} of {len(ids)}, around the chosen layer); pick another "
+            "layer to move them.")
+
+
 def slug(page: Page, *parts: Any) -> str:
     """A download's file name: ``moelens_run3_<parts>``, with anything but letters, digits, ``.``, ``-`` and ``_``
     (spaces, slashes, quotes in labels or token texts) turned into ``-``."""
