@@ -289,9 +289,11 @@ Progress = Callable[[int, int], None]
 
 #: The environment variable that sets `pass_slots` (an integer; ``none`` = no limit).
 PASS_SLOTS_ENV = "MOELENS_PASS_SLOTS"
-#: Routing slots (tokens × layers × top-k) a page reads on its own before it asks for a click: about one
-#: streamed batch (`moelens.analysis.stream.TARGET_SLOTS`), 1–2 s. Every run of the demo store fits under it.
-DEFAULT_PASS_SLOTS = 1 << 25
+#: Routing slots (tokens × layers × top-k) a page reads on its own before it asks for a click: half a streamed
+#: batch (`moelens.analysis.stream.TARGET_SLOTS`), about a second for the counting scores. The heaviest per slot,
+#: SCH on its sample of a 48-layer × top-8 run (~50k tokens, 19M slots, 14 s on 2 busy cores), stays over it;
+#: every run of the demo store (~1M slots) is far under it.
+DEFAULT_PASS_SLOTS = 1 << 24
 
 
 def pass_slots() -> int | None:
