@@ -61,9 +61,9 @@ removed = set(plan.removed)
 n_experts = max(lay.n_experts for lay in layout.values())
 ids = sorted(layout)
 grid = np.full((len(ids), n_experts), np.nan)
-for row in scores.itertuples():
-    total = scores.loc[scores["layer"] == row.layer, "score"].sum()
-    grid[ids.index(int(row.layer)), int(row.expert)] = row.score / total if total > 0 else 0.0
+totals = scores.groupby("layer")["score"].transform("sum")
+grid[scores["layer"].map({layer: i for i, layer in enumerate(ids)}).to_numpy(), scores["expert"].astype(int).to_numpy()] = np.where(
+    totals > 0, scores["score"] / totals.where(totals > 0, 1), 0.0)
 marks = [["✕" if (layer, e) in removed else "" for e in range(n_experts)] for layer in ids]
 fig = go.Figure(go.Heatmap(z=grid, x=list(range(n_experts)), y=[f"L{v}" for v in ids], text=marks,
                            texttemplate="%{text}", colorscale="Viridis", colorbar_title="share of layer score",
