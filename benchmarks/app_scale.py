@@ -3,7 +3,7 @@
 
 For each page one AppTest run on a tiny store warms imports and components, then ``st.cache_data`` and the analysis
 run cache are cleared and a run on the big store is timed (what a visitor pays on a server that has not yet shown
-this run). The
+this run); the sections that wait for a Compute click (a pass over more than the pass budget) are listed. The
 process's peak RSS after each page is reported too (AppTest renders in this process). The summaries are what
 `moelens record` stores: `moelens.analysis.summarize`, one streamed pass over each written run.
 
@@ -67,7 +67,7 @@ def _perturbed(data: RoutingData) -> RoutingData:
                                    token_text=list(data.token_text()))
 
 
-def render_all(db: Path, warm_db: Path, timeout: float, only: list[str]) -> list[tuple[str, float, float, str]]:
+def render_all(db: Path, warm_db: Path, timeout: float, only: list[str]) -> list[tuple[str, float, float, str, str]]:
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -89,10 +89,20 @@ def render_all(db: Path, warm_db: Path, timeout: float, only: list[str]) -> list
         at.run()
         seconds = time.perf_counter() - t0
         problems = [str(e.value)[:120] for e in [*at.exception, *at.error]]
+        waiting = [i.value.split(" needs a pass")[0].replace(":material/hourglass: ", "") for i in at.info
+                   if "needs a pass over" in i.value]
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        out.append((page.stem, seconds, rss, "; ".join(problems)))
-        print(f"{page.stem:20s} {seconds:7.2f} s  peak RSS {rss:5.2f} GiB  {'; '.join(problems)}", flush=True)
+        out.append((page.stem, seconds, rss, ", ".join(waiting), "; ".join(problems)))
+        print(f"{page.stem:20s} {seconds:7.2f} s  peak RSS {rss:5.2f} GiB  Compute: {', '.join(waiting)}  {'; '.join(problems)}",
+              flush=True)
     return out
+
+
+def data_budget() -> str:
+    from workbench import data
+
+    budget = data.pass_slots()
+    return "no limit" if budget is None else f"{budget:,}"
 
 
 def main() -> None:
@@ -134,9 +144,11 @@ def main() -> None:
         "",
         *(f"Build: {k} {v:.1f} s" for k, v in build_times.items()),
         "",
-        "| page | first render (s) | process peak RSS after it (GiB) | problems |",
-        "|---|---:|---:|---|",
-        *(f"| {name} | {sec:.2f} | {rss:.2f} | {prob or '—'} |" for name, sec, rss, prob in rows),
+        f"Pass budget: {data_budget()} routing slots (`MOELENS_PASS_SLOTS`); sections over it wait for Compute.",
+        "",
+        "| page | first render (s) | process peak RSS after it (GiB) | behind Compute | problems |",
+        "|---|---:|---:|---|---|",
+        *(f"| {name} | {sec:.2f} | {rss:.2f} | {wait or '—'} | {prob or '—'} |" for name, sec, rss, wait, prob in rows),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
