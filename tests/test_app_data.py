@@ -124,3 +124,13 @@ def test_the_app_opens_a_parquet_dataset(small: Path, tmp_path: Path) -> None:
         at.run()
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
+
+
+def test_router_token_stats_of_one_sequence_reads_that_sequence(small: Path) -> None:
+    store = TraceStore(small, read_only=True)
+    seq = int(store.sequences(1)["seq_id"].iloc[2])
+    quick = bounded.shortcut("router_token_stats", {"layer": 2, "seq_id": seq, "near_tie": 0.05}, ())
+    assert quick is not None and bounded.shortcut("router_token_stats", {"layer": 2}, ()) is None
+    want = analysis.router_token_stats(store, 1, layer=2, seq_id=seq, near_tie=0.05)
+    assert len(want) > 3
+    pd.testing.assert_frame_equal(quick(store, 1), want, check_dtype=False)

@@ -12,6 +12,10 @@ The analyses are *called*, never re-implemented: `analysis(db, "expert_load", ru
 finish from the run's derived summaries (`moelens.analysis.summarize`) when it has them, so such a page reads
 thousands of rows instead of the routing (hundreds of millions on a real model); two Experts-page analyses that
 have no summary-based finish are answered by bounded reads (`workbench.bounded`).
+
+A page never starts a long pass by itself: every result goes through `within_budget`, which answers when the
+summaries, bounded reads or a pass of at most `pass_slots` routing slots can, and otherwise raises `PassNeeded`;
+the page (`ui.offer_pass`) then offers it behind a Compute button and keeps what `run_pass` computes.
 """
 
 from __future__ import annotations
