@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import HOW_OPTIONS, Chunked, High, Low, compute_partial
+from moelens.analysis.chunked import HOW_OPTIONS, Chunked, Context, High, Low, compute_partial
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.errors import InputError
 
@@ -308,6 +308,17 @@ class ShareCounts(Chunked):
             "counts": [group_expert_counts(batch.experts[li, units], int(E), label, D) for li, E in enumerate(batch.n_experts)],
             "mass": [group_expert_counts(batch.experts[li, units], int(E), label, D, weights=batch.weights[li, units]) for li, E in enumerate(batch.n_experts)],
         }  # fmt: skip
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """``unit="token"`` (any phase filter) from ``tokens`` and ``expert_counts``; the last prompt token of
+        each sequence is in no summary: None (streamed)."""
+        from moelens.analysis.summary_partials import label_tables
+
+        counts, mass = label_tables(store, ctx, "count"), label_tables(store, ctx, "gate_mass")
+        if self.unit != "token" or counts is None or mass is None:
+            return None
+        D = len(ctx.meta.label_names)
+        return {"n_units": counts[0][:D], "counts": [a[:D] for a in counts[1]], "mass": [a[:D] for a in mass[1]]}
 
 
 def committee_share(

@@ -115,6 +115,21 @@ class DomainSummary(Chunked):
             out["pairs"].append(np.array([valid.sum(), same.sum()], np.int64))
         return out
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Exact for every phase filter: label × expert counts from ``expert_counts``, label sizes from
+        ``tokens``, pair counts from ``repetition``."""
+        from moelens.analysis.summary_partials import label_tables, pair_counts_by_label
+
+        topk, top1, pairs = label_tables(store, ctx, "count"), label_tables(store, ctx, "top1"), pair_counts_by_label(store, ctx)
+        if topk is None or top1 is None or pairs is None:
+            return None
+        D = len(ctx.meta.label_names)
+        return {
+            "n_d": topk[0][:D], "topk": [a[:D] for a in topk[1]], "top1": [a[:D] for a in top1[1]],
+            "q": [a.sum(axis=0) for a in top1[1]], "used": [a.sum(axis=0) for a in topk[1]],
+            "pairs": [p[:2].sum(axis=1) for p in pairs],
+        }  # fmt: skip
+
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data = ctx.meta
         n_d = partial["n_d"].astype(np.float64)

@@ -1,0 +1,99 @@
+"""Scores that finish from a run's derived summaries equal the streamed pass over its routing.
+
+Random synthetic runs (unlabelled sequences, prompt and generated phases, capacity-dropped slots) written to
+a real DuckDB store: each (score, parameters) is streamed first, then the run is summarised and its routing
+rows deleted, and the score must give the same frame with ``max_pass_slots=0`` (which refuses any pass over
+the routing). The parameter combinations documented as streamed still refuse that way."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from test_analysis_chunked import assert_same
+
+import moelens.analysis as A
+from moelens import TraceStore
+from moelens.analysis.chunked import NeedsFullPass
+from moelens.analysis.summaries import summarize
+
+
+def _run(store: TraceStore, seed: int, n_experts: int | None = None) -> tuple[int, list[int]]:
+    """A run whose every 5th sequence is unlabelled; returns its id and a few frequent token ids."""
+    rng = np.random.default_rng(seed)
+    E = n_experts or int(rng.choice([6, 8]))
+    data = A.synthetic(int(rng.integers(1000, 1800)), int(rng.integers(2, 4)), E, 2, seed=seed,
+                       seq_len=int(rng.integers(20, 45)), n_labels=3, vocab_size=60, drop_rate=0.08, generated_fraction=0.3)
+    data = replace(data, label=np.where(data.seq_id % 5 == 4, -1, data.label).astype(np.int32))
+    ids, n = np.unique(data.token_id, return_counts=True)
+    return A.write_run(store, data, chunk_tokens=600), ids[np.argsort(-n)][:3].tolist()
+
+
+def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
+    return [
+        ("domain_summary", {}), ("domain_summary", {"phase": "generated"}),
+        ("repetition", {"permutation": False}), ("repetition", {"permutation": False, "by_label": True, "phase": "prompt"}),
+        ("npmi", {"label": "domain1"}), ("npmi", {"tokens": frequent, "phase": "prompt"}),
+        ("npmi", {"tokens": [frequent[0], 10**6], "layer": layer}),
+        ("npmi_combined", {"targets": [(1.0, {"label": "domain0"}), (-0.5, {"tokens": frequent[:2]})], "phase": "generated"}),
+        ("risk_difference", {"label_a": "domain0", "label_b": "domain2"}),
+        ("risk_difference", {"label_a": "domain1", "label_b": "domain2", "phase": "generated"}),
+        ("committee_share", {"committee": {layer: [0, 3]}}), ("committee_share", {"committee": {layer: [1]}, "phase": "prompt"}),
+        ("cross_layer_consistency", {}), ("cross_layer_consistency", {"phase": "generated"}),
+    ]  # fmt: skip
+
+
+#: Parameters whose answer needs the routing (documented in each score's ``from_summaries``).
+STREAMED = [
+    ("repetition", {}), ("npmi", {"regex": "^t1"}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
+    ("standing_committee", {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_summary_finishes_equal_the_streamed_pass(tmp_path, seed: int) -> None:
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, frequent = _run(store, seed)
+    layer = int(store.layers(run)["layer"].iloc[-1])
+    cases = _answered(frequent, layer)
+    A.clear_cache()
+    streamed = [A.SCORES[name].function(store, run, target_slots=1500, **params) for name, params in cases]
+    summarize(store, run)
+    with store.connect(write=True) as con:  # from now on only the summaries can answer
+        con.execute("DELETE FROM routing WHERE run_id = ?", [run])
+    A.clear_cache()
+    for (name, params), expected in zip(cases, streamed):
+        assert_same(A.SCORES[name].function(store, run, max_pass_slots=0, **params), expected, f"{name} {params}")
+    for name, params in STREAMED:
+        with pytest.raises(NeedsFullPass):
+            A.SCORES[name].function(store, run, max_pass_slots=0, **params)
+
+
+def test_risk_difference_of_two_runs_and_equalize(tmp_path) -> None:
+    store = TraceStore(tmp_path / "traces.duckdb")
+    (a, _), (b, _) = _run(store, 3, 8), _run(store, 4, 8)
+    A.clear_cache()
+    paired = A.risk_difference(store, a, label_a="domain0", run_b=b, label_b="domain0")
+    equal = A.risk_difference(store, a, label_a="domain0", label_b="domain2", equalize=True)
+    for run in (a, b):
+        summarize(store, run)
+    A.clear_cache()
+    assert_same(A.risk_difference(store, a, label_a="domain0", run_b=b, label_b="domain0", max_pass_slots=0), paired, "two runs")
+    with pytest.raises(NeedsFullPass):  # the larger behaviour is cut inside a sequence: streamed
+        A.risk_difference(store, a, label_a="domain0", label_b="domain2", equalize=True, max_pass_slots=0)
+    assert_same(A.risk_difference(store, a, label_a="domain0", label_b="domain2", equalize=True), equal, "equalize")
+
+
+def test_repetition_without_permutation_is_the_full_table_less_two_columns(tmp_path) -> None:
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 5)
+    full = A.repetition(store, run, by_label=True)
+    summarize(store, run)
+    A.clear_cache()
+    short = A.repetition(store, run, by_label=True, permutation=False, max_pass_slots=0)
+    assert list(short.columns) == [c for c in full.columns if c not in ("perm_first", "perm_overlap")]
+    kept = full[short.columns]
+    kept.attrs = {**full.attrs, "params": {**full.attrs["params"], "permutation": "not computed"}}
+    assert_same(short, kept, "repetition without the permutation baselines")
+    assert short["label"].isna().sum() == len(store.layers(run))  # the unlabelled group has its own row per layer
