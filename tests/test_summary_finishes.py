@@ -41,13 +41,15 @@ def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
         ("risk_difference", {"label_a": "domain1", "label_b": "domain2", "phase": "generated"}),
         ("committee_share", {"committee": {layer: [0, 3]}}), ("committee_share", {"committee": {layer: [1]}, "phase": "prompt"}),
         ("cross_layer_consistency", {}), ("cross_layer_consistency", {"phase": "generated"}),
+        ("standing_committee", {}), ("standing_committee", {"eci": "expected", "list_length": 3, "decimals": None, "phase": "prompt"}),
+        ("committee_share", {}),
     ]  # fmt: skip
 
 
 #: Parameters whose answer needs the routing (documented in each score's ``from_summaries``).
 STREAMED = [
     ("repetition", {}), ("npmi", {"regex": "^t1"}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
-    ("standing_committee", {}),
+    ("standing_committee", {"unit": "token"}),
 ]  # fmt: skip
 
 

@@ -99,6 +99,13 @@ class EciStats(Chunked):
             out.append((n, selected, mass, High(top), Low(low)))
         return out
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """``unit="last_prompt_token"`` (any phase filter: the units are prompt tokens) from ``committee_units``;
+        every token's largest and smallest gate weight is in no summary, so ``unit="token"`` is streamed."""
+        from moelens.analysis.summary_partials import committee_units
+
+        return committee_units(store, ctx) if self.unit == "last_prompt_token" else None
+
 
 def _lists_table(stats: list[tuple[Any, ...]], data: RoutingData, eci: str, list_length: int | None, decimals: int | None) -> pd.DataFrame:
     """Stage I rows from merged `EciStats`: experts ordered by the unrounded ECI (ties: lower id)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moelens.analysis.chunked import Context
+from moelens.analysis.chunked import Context, High, Low
 from moelens.analysis.summaries import _label_codes, _layer_arrays, _read
 
 
@@ -68,3 +68,26 @@ def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | N
         return int(n_tokens.sum()), [a.sum(axis=0) for a in per_layer]
     return int(n_tokens[label]), [a[label] for a in per_layer]
 
+
+
+def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
+    """`moelens.analysis.committee.EciStats`'s partial over last prompt tokens, from ``committee_units``."""
+    rows = _read(store, ctx, "committee_units")
+    if rows is None:
+        return None
+    D = len(ctx.meta.label_names)
+    codes = _label_codes(rows, ctx.meta)
+    out = []
+    for li, layer in enumerate(ctx.meta.layer_ids):
+        E = int(ctx.meta.n_experts[li])
+        here = (rows["layer"] == layer).to_numpy() & (codes < D)
+        d, e = codes[here], rows["expert"].to_numpy()[here].astype(np.int64)
+        n = np.zeros(D, np.int64)
+        n[d] = rows["n_units"].to_numpy()[here]
+        stats = []
+        for column, fill in (("count", 0), ("gate_mass", 0.0), ("gate_max", 0.0), ("gate_min", np.inf)):
+            arr = np.full((D, E), fill, np.int64 if column == "count" else np.float64)
+            arr[d, e] = rows[column].to_numpy()[here]
+            stats.append(arr)
+        out.append((n, stats[0], stats[1], High(stats[2]), Low(stats[3])))
+    return out
