@@ -99,3 +99,28 @@ def test_repetition_without_permutation_is_the_full_table_less_two_columns(tmp_p
     kept.attrs = {**full.attrs, "params": {**full.attrs["params"], "permutation": "not computed"}}
     assert_same(short, kept, "repetition without the permutation baselines")
     assert short["label"].isna().sum() == len(store.layers(run))  # the unlabelled group has its own row per layer
+
+
+def test_expert_top_tokens_from_summaries_and_bounded_reads(tmp_path) -> None:
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 6)
+    layer = int(store.layers(run)["layer"].iloc[1])
+    cases = [{"layer": layer, "expert": 3, "n": 6, "n_contexts": 3}, {"layer": layer, "expert": 0, "n": 4, "n_contexts": 2, "window": 2}]
+    A.clear_cache()
+    streamed = [A.expert_top_tokens(store, run, target_slots=1500, **params) for params in cases]
+    by_phase = A.expert_top_tokens(store, run, phase="prompt", **cases[0])
+    summarize(store, run)
+    A.clear_cache()
+    for params, expected in zip(cases, streamed):  # contexts: the first occurrences, read from routing in growing windows
+        assert_same(A.expert_top_tokens(store, run, max_pass_slots=0, **params), expected, f"top tokens {params}")
+    for bad in ({"phase": "prompt"}, {"target": "next"}):
+        with pytest.raises(NeedsFullPass):
+            A.expert_top_tokens(store, run, max_pass_slots=0, **cases[0], **bad)
+    assert_same(A.expert_top_tokens(store, run, phase="prompt", **cases[0]), by_phase, "streamed with a phase")
+    with store.connect(write=True) as con:
+        con.execute("DELETE FROM routing WHERE run_id = ?", [run])
+    A.clear_cache()
+    no_contexts = {**cases[0], "n_contexts": 0}
+    expected = streamed[0].assign(contexts=[[] for _ in range(len(streamed[0]))])
+    expected.attrs = {**streamed[0].attrs, "params": {**streamed[0].attrs["params"], "n_contexts": 0}}
+    assert_same(A.expert_top_tokens(store, run, max_pass_slots=0, **no_contexts), expected, "no contexts, no routing")

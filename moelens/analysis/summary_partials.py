@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moelens.analysis.chunked import Context, High, Low
+from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low
 from moelens.analysis.summaries import _label_codes, _layer_arrays, _read
 
 
@@ -90,4 +90,75 @@ def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
             arr[d, e] = rows[column].to_numpy()[here]
             stats.append(arr)
         out.append((n, stats[0], stats[1], High(stats[2]), Low(stats[3])))
+    return out
+
+
+def top_tokens(store: Any, ctx: Context, layer: int, expert: int, n: int, n_contexts: int, window: int) -> dict[str, Any] | None:
+    """`moelens.analysis.vocabulary.TopTokens`'s partial (input target, every phase) for what its finish
+    shows: one expert's ``token_experts`` rows (all of its token ids, so the order and shares are exact),
+    and for the top ``n`` ids only their totals and first text (``tokens``) and their first ``n_contexts``
+    routed occurrences, searched from the start of the run in growing seq_id windows of ``routing`` (the
+    frequent ids are found in the first few sequences), with their context from ``tokens``."""
+    from moelens.store.schema import summary_table
+
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or ctx.meta.phase_filter is not None or "token_experts" not in store.summary_names(run):
+        return None
+    here = store.query(f"SELECT token_id, sum(count) AS count FROM {summary_table('token_experts')} WHERE run_id = ? "
+                       "AND layer = ? AND expert = ? GROUP BY token_id", [int(run), int(layer), int(expert)])  # fmt: skip
+    ids_here = here["token_id"].to_numpy().astype(np.int64)
+    counts = here["count"].to_numpy().astype(np.int64)
+    top = [int(t) for t in ids_here[np.lexsort((ids_here, -counts))[:n]]]
+    totals: dict[int, int] = {}
+    names: dict[int, list[tuple[int, Any]]] = {}
+    if top:
+        marks = ", ".join("?" for _ in top)
+        info = store.query(
+            f"SELECT token_id, count(*) AS n, arg_min(coalesce(token, token_id::VARCHAR), seq_id::BIGINT * 4294967296 + pos) AS token "
+            f"FROM tokens WHERE run_id = ? AND token_id IN ({marks}) GROUP BY token_id", [int(run), *top])  # fmt: skip
+        totals = dict(zip(info["token_id"].astype(int), info["n"].astype(int)))
+        names = {int(t): [(0, name)] for t, name in zip(info["token_id"], info["token"])}
+    all_ids = np.array(sorted(totals), np.int64)
+    return {
+        "here": Keyed(ids_here, {"n": counts}, {"n": "sum"}),
+        "all": Keyed(all_ids, {"n": np.array([totals[t] for t in all_ids], np.int64)}, {"n": "sum"}),
+        "contexts": Firsts(_contexts(store, ctx, run, layer, expert, top, n_contexts, window), n_contexts),
+        "names": Firsts(names, 1),
+    }
+
+
+def _contexts(store: Any, ctx: Context, run: int, layer: int, expert: int, ids: list[int], n_contexts: int, window: int) -> dict[int, list[tuple[int, str]]]:
+    """The first ``n_contexts`` (order, context) of each id in ``ids`` routed to (layer, expert)."""
+    if n_contexts <= 0 or not ids or not len(ctx.sequences):
+        return {}
+    lo, last = int(ctx.sequences["seq_id"].min()), int(ctx.sequences["seq_id"].max())
+    marks = ", ".join("?" for _ in ids)
+    found: dict[int, list[tuple[int, int]]] = {}
+    span = 64
+    while lo <= last and any(len(found.get(t, [])) < n_contexts for t in ids):
+        hi = lo + span - 1
+        hits = store.query(
+            f"SELECT t.token_id, t.seq_id, t.pos FROM tokens t SEMI JOIN (SELECT seq_id, pos FROM routing WHERE run_id = ? "
+            f"AND layer = ? AND expert = ? AND seq_id BETWEEN ? AND ? AND (weight IS NULL OR weight <> 0)) r USING (seq_id, pos) "
+            f"WHERE t.run_id = ? AND t.seq_id BETWEEN ? AND ? AND t.token_id IN ({marks}) ORDER BY t.seq_id, t.pos",
+            [int(run), int(layer), int(expert), lo, hi, int(run), lo, hi, *ids])  # fmt: skip
+        for t, s, p in hits.itertuples(index=False):
+            if len(found.setdefault(int(t), [])) < n_contexts:
+                found[int(t)].append((int(s), int(p)))
+        lo, span = hi + 1, span * 4
+    seqs = sorted({s for places in found.values() for s, _ in places})
+    if not seqs:
+        return {}
+    text = store.query(
+        f"SELECT seq_id, pos, coalesce(token, token_id::VARCHAR) AS token FROM tokens WHERE run_id = ? "
+        f"AND seq_id IN ({', '.join('?' for _ in seqs)}) ORDER BY seq_id, pos", [int(run), *seqs])  # fmt: skip
+    by_seq = {int(s): (g["pos"].to_numpy(), g["token"].tolist()) for s, g in text.groupby("seq_id")}
+    out: dict[int, list[tuple[int, str]]] = {}
+    for t, places in found.items():
+        for s, p in places:
+            pos, toks = by_seq[s]
+            at = int(np.searchsorted(pos, p))
+            a, b = max(at - window, 0), min(at + window + 1, len(toks))
+            context = "".join(toks[a:at]) + "⟦" + str(toks[at]) + "⟧" + "".join(toks[at + 1 : b])
+            out.setdefault(t, []).append(((s << 32) | p, context))
     return out
