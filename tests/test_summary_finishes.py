@@ -35,7 +35,7 @@ def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
         ("domain_summary", {}), ("domain_summary", {"phase": "generated"}),
         ("repetition", {"permutation": False}), ("repetition", {"permutation": False, "by_label": True, "phase": "prompt"}),
         ("npmi", {"label": "domain1"}), ("npmi", {"tokens": frequent, "phase": "prompt"}),
-        ("npmi", {"tokens": [frequent[0], 10**6], "layer": layer}),
+        ("npmi", {"tokens": [frequent[0], 10**6], "layer": layer}), ("npmi", {"regex": "^t1", "phase": "generated"}),
         ("npmi_combined", {"targets": [(1.0, {"label": "domain0"}), (-0.5, {"tokens": frequent[:2]})], "phase": "generated"}),
         ("risk_difference", {"label_a": "domain0", "label_b": "domain2"}),
         ("risk_difference", {"label_a": "domain1", "label_b": "domain2", "phase": "generated"}),
@@ -48,7 +48,7 @@ def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
 
 #: Parameters whose answer needs the routing (documented in each score's ``from_summaries``).
 STREAMED = [
-    ("repetition", {}), ("npmi", {"regex": "^t1"}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
+    ("repetition", {}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
     ("standing_committee", {"unit": "token"}),
 ]  # fmt: skip
 
@@ -70,6 +70,11 @@ def test_summary_finishes_equal_the_streamed_pass(tmp_path, seed: int) -> None:
     for name, params in STREAMED:
         with pytest.raises(NeedsFullPass):
             A.SCORES[name].function(store, run, max_pass_slots=0, **params)
+    with store.connect(write=True) as con:  # one token id with two texts: a regex is no longer a set of ids
+        con.execute("UPDATE tokens SET token = 'other' WHERE run_id = ? AND seq_id = 0 AND pos = 0", [run])
+    A.clear_cache()
+    with pytest.raises(NeedsFullPass):
+        A.npmi(store, run, regex="^t1", max_pass_slots=0)
 
 
 def test_risk_difference_of_two_runs_and_equalize(tmp_path) -> None:

@@ -89,11 +89,14 @@ class PredicateCounts(Chunked):
     def from_summaries(self, store: Any, ctx: Context) -> Any:
         """Label and token-id predicates (any phase filter): label sizes from ``tokens``, expert counts from
         ``expert_counts``, token-id positions and their experts from ``token_ids`` and ``token_experts``. A
-        regex is matched against each position's own text, which no summary holds: None (streamed)."""
-        from moelens.analysis.summary_partials import label_rows, label_tables, token_set_counts
+        regex is matched against each position's own text: answered as the set of token ids whose text matches
+        when every token id of the run has one text (one grouped read of ``tokens``), else None (streamed),
+        as for a run with positions of unknown token id."""
+        from moelens.analysis.summary_partials import label_rows, label_tables, regex_token_ids, token_set_counts
 
         token_predicate(ctx.meta, tokens=self.tokens, regex=self.regex, label=self.label)  # refuses a bad label
-        if self.regex is not None or (self.tokens is not None and min(self.tokens, default=0) < 0):
+        ids = regex_token_ids(store, ctx, self.regex) if self.regex is not None else self.tokens
+        if self.label is None and (ids is None or min(ids, default=0) < 0):
             return None  # (summaries keep no position without a token id)
         layers = range(ctx.meta.n_layers) if self.layer is None else [ctx.meta.layer_index(self.layer)]
         tables = label_tables(store, ctx)
@@ -104,7 +107,7 @@ class PredicateCounts(Chunked):
         if self.label is not None:
             n_x, n_xe = label_rows(n_tok, [counts[li] for li in layers], ctx.meta.label_names.index(self.label))
         else:
-            found = token_set_counts(store, ctx, self.tokens or (), list(layers))
+            found = token_set_counts(store, ctx, ids or (), list(layers))
             if found is None:
                 return None
             n_x, n_xe = found

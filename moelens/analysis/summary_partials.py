@@ -8,6 +8,7 @@ is not materialised; the score's own ``from_summaries`` decides which parameters
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,21 @@ def token_set_counts(store: Any, ctx: Context, ids: Sequence[int], layers: Seque
         out.append(np.bincount(here["expert"].to_numpy().astype(np.int64), weights=here["count"].to_numpy(),
                                minlength=int(ctx.meta.n_experts[li])).astype(np.int64))  # fmt: skip
     return n_x, out
+
+
+def regex_token_ids(store: Any, ctx: Context, regex: str) -> list[int] | None:
+    """The token ids whose text matches ``regex`` (searched, as `moelens.analysis.npmi.token_predicate`
+    does per position), or None when that is not a property of the id: a position without a token id, or an
+    id recorded with two texts (or with and without one) in this run."""
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or not hasattr(store, "query"):
+        return None
+    texts = store.query("SELECT token_id, count(DISTINCT coalesce(token, token_id::VARCHAR)) AS n_texts, "
+                        "any_value(coalesce(token, token_id::VARCHAR)) AS text FROM tokens WHERE run_id = ? GROUP BY token_id", [int(run)])  # fmt: skip
+    if (texts["token_id"] < 0).any() or (texts["n_texts"] > 1).any():
+        return None
+    pattern = re.compile(regex)
+    return [int(t) for t, text in zip(texts["token_id"], texts["text"]) if pattern.search(str(text))]
 
 
 def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | None) -> tuple[int, list[np.ndarray]]:
