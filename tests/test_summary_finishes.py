@@ -129,3 +129,26 @@ def test_expert_top_tokens_from_summaries_and_bounded_reads(tmp_path) -> None:
     expected = streamed[0].assign(contexts=[[] for _ in range(len(streamed[0]))])
     expected.attrs = {**streamed[0].attrs, "params": {**streamed[0].attrs["params"], "n_contexts": 0}}
     assert_same(A.expert_top_tokens(store, run, max_pass_slots=0, **no_contexts), expected, "no contexts, no routing")
+
+
+def test_router_stats_and_experts_per_token_stream_the_run(tmp_path) -> None:
+    """Streamed over a store in small batches (one pass per logits layer) = the whole run loaded at once."""
+    import moelens as ml
+    from moelens.analysis._common import resolve
+    from moelens.tiny import tiny_model, tiny_tokenizer
+
+    model, _ = tiny_model("olmoe")
+    store = ml.TraceStore(tmp_path / "l.duckdb")
+    prompts = [f"prompt {i} about routing and the experts it picks" for i in range(12)]
+    run = ml.record(model, tiny_tokenizer(), prompts, store=store, logits=True, generate=3, progress=False)
+    whole = resolve(store, run)
+    A.clear_cache()
+    for phase in (None, "generated"):
+        streamed = A.router_stats(store, run, near_tie=0.1, phase=phase, target_slots=64)
+        assert len(streamed) == len(store.layers(run)) and (streamed["n_tokens"] > 0).all()
+        assert_same(streamed, A.router_stats(whole if phase is None else resolve(store, run, phase=phase), near_tie=0.1), f"router_stats {phase}")
+        for by in ("layer", "label", "position"):
+            assert_same(A.experts_per_token(store, run, by=by, phase=phase, target_slots=64),
+                        A.experts_per_token(whole, by=by, phase=phase, batches=3), f"experts_per_token {by} {phase}")
+    with pytest.raises(NeedsFullPass):
+        A.router_stats(store, run, max_pass_slots=0)
