@@ -152,3 +152,23 @@ def test_router_stats_and_experts_per_token_stream_the_run(tmp_path) -> None:
                         A.experts_per_token(whole, by=by, phase=phase, batches=3), f"experts_per_token {by} {phase}")
     with pytest.raises(NeedsFullPass):
         A.router_stats(store, run, max_pass_slots=0)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("srp", {"segment_lengths": (2, 5), "by_label": True}), ("repetition", {"by_label": True, "phase": "prompt"}),
+    ("npmi", {"label": "domain1", "phase": "generated"}), ("npmi", {"regex": "^t1"}),
+])  # fmt: skip
+def test_streamed_bootstrap_equals_the_in_memory_draws(tmp_path, monkeypatch, name: str, params: dict) -> None:
+    """The same seeded draws scored from sequence partials streamed from the store (a small draw budget:
+    several passes) as by recomputing the score on every materialised draw of the loaded run."""
+    from moelens.analysis import bootstrap as B
+    from moelens.analysis._common import resolve
+
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 7)
+    phase = params.get("phase")
+    in_memory = B.bootstrap(name, resolve(store, run, phase=phase), n_boot=12, seed=4, **params)
+    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 5 * 8 * 10**4)  # a few draws per pass: several passes
+    streamed = B.bootstrap(name, store, run, n_boot=12, seed=4, target_slots=1500, **params)
+    assert_same(streamed, in_memory, f"bootstrap {name} {params}")
+    assert streamed[[c for c in streamed.columns if c.endswith("_lo")]].notna().any().all()
