@@ -160,7 +160,7 @@ def test_router_stats_and_experts_per_token_stream_the_run(tmp_path) -> None:
 ])  # fmt: skip
 def test_streamed_bootstrap_equals_the_in_memory_draws(tmp_path, monkeypatch, name: str, params: dict) -> None:
     """The same seeded draws scored from sequence partials streamed from the store (a small draw budget:
-    several passes) as by recomputing the score on every materialised draw of the loaded run."""
+    one pass per draw) as by recomputing the score on every materialised draw of the loaded run."""
     from moelens.analysis import bootstrap as B
     from moelens.analysis._common import resolve
 
@@ -168,7 +168,7 @@ def test_streamed_bootstrap_equals_the_in_memory_draws(tmp_path, monkeypatch, na
     run, _ = _run(store, 7)
     phase = params.get("phase")
     in_memory = B.bootstrap(name, resolve(store, run, phase=phase), n_boot=12, seed=4, **params)
-    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 5 * 8 * 10**4)  # a few draws per pass: several passes
+    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 1)  # one draw per pass: every pass adds its own
     streamed = B.bootstrap(name, store, run, n_boot=12, seed=4, target_slots=1500, **params)
     assert_same(streamed, in_memory, f"bootstrap {name} {params}")
     assert streamed[[c for c in streamed.columns if c.endswith("_lo")]].notna().any().all()
