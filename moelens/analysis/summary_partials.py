@@ -33,11 +33,10 @@ def label_tables(store: Any, ctx: Context, column: str = "count") -> tuple[np.nd
 def pair_counts_by_label(store: Any, ctx: Context) -> list[np.ndarray] | None:
     """Per layer ``[4, D + 1]`` consecutive-pair counts (n_pairs, same_first, n_overlap_pairs, overlap) by
     the pair's label code, from ``repetition``."""
-    rows = _read(store, ctx, "repetition")
-    if rows is None:
+    found = _labelled(store, ctx, "repetition")
+    if found is None:
         return None
-    D = len(ctx.meta.label_names)
-    codes = _label_codes(rows, ctx.meta)
+    rows, codes, D = found
     out = []
     for layer in ctx.meta.layer_ids:
         here = (rows["layer"] == layer).to_numpy()
@@ -85,14 +84,18 @@ def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | N
     return int(n_tokens[label]), [a[label] for a in per_layer]
 
 
+def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int] | None:
+    """(summary ``name``'s rows, their label codes (D = unlabelled), D), or None when not materialised."""
+    rows = _read(store, ctx, name)
+    return None if rows is None else (rows, _label_codes(rows, ctx.meta), len(ctx.meta.label_names))
+
 
 def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
     """`moelens.analysis.committee.EciStats`'s partial over last prompt tokens, from ``committee_units``."""
-    rows = _read(store, ctx, "committee_units")
-    if rows is None:
+    found = _labelled(store, ctx, "committee_units")
+    if found is None:
         return None
-    D = len(ctx.meta.label_names)
-    codes = _label_codes(rows, ctx.meta)
+    rows, codes, D = found
     out = []
     for li, layer in enumerate(ctx.meta.layer_ids):
         E = int(ctx.meta.n_experts[li])
