@@ -47,19 +47,24 @@ def pair_counts_by_label(store: Any, ctx: Context) -> list[np.ndarray] | None:
 
 def token_set_counts(store: Any, ctx: Context, ids: Sequence[int], layers: Sequence[int]) -> tuple[int, list[np.ndarray]] | None:
     """(positions whose token id is in ``ids``, per layer position in ``layers`` ``[E]`` routed slots of
-    those positions), from ``token_ids`` and ``token_experts``."""
-    rows, n_ids = _read(store, ctx, "token_experts"), _read(store, ctx, "token_ids")
-    if rows is None or n_ids is None:
+    those positions), from ``token_ids`` and ``token_experts`` — two grouped queries that read only those
+    ids' rows (``token_experts`` is the largest summary: rows per layer × token id × expert)."""
+    from moelens.store.schema import summary_table
+
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or not {"token_experts", "token_ids"} <= store.summary_names(run):
         return None
-    wanted = np.unique(np.asarray(ids, np.int64))
-    n_x = int(n_ids.loc[np.isin(n_ids["token_id"].to_numpy(), wanted), "n"].sum())
-    rows = rows[np.isin(rows["token_id"].to_numpy(), wanted)]
+    where = "run_id = ? AND list_contains(?::BIGINT[], token_id)" + ("" if ctx.meta.phase_filter is None else " AND phase = ?")
+    args = [int(run), sorted({int(t) for t in ids}), *([] if ctx.meta.phase_filter is None else [ctx.meta.phase_filter])]
+    n_x = store.query(f"SELECT coalesce(sum(n), 0) AS n FROM {summary_table('token_ids')} WHERE {where}", args)["n"].iloc[0]
+    rows = store.query(f"SELECT layer, expert, sum(count) AS count FROM {summary_table('token_experts')} WHERE {where} "
+                       "GROUP BY layer, expert", args)  # fmt: skip
     out = []
     for li in layers:
         here = rows[rows["layer"] == ctx.meta.layer_ids[li]]
         out.append(np.bincount(here["expert"].to_numpy().astype(np.int64), weights=here["count"].to_numpy(),
                                minlength=int(ctx.meta.n_experts[li])).astype(np.int64))  # fmt: skip
-    return n_x, out
+    return int(n_x), out
 
 
 def regex_token_ids(store: Any, ctx: Context, regex: str) -> list[int] | None:
