@@ -172,3 +172,14 @@ def test_streamed_bootstrap_equals_the_in_memory_draws(tmp_path, monkeypatch, na
     streamed = B.bootstrap(name, store, run, n_boot=12, seed=4, target_slots=1500, **params)
     assert_same(streamed, in_memory, f"bootstrap {name} {params}")
     assert streamed[[c for c in streamed.columns if c.endswith("_lo")]].notna().any().all()
+
+
+def test_bootstrap_of_a_permutation_baseline_resamples_the_loaded_run(tmp_path) -> None:
+    from moelens.analysis import bootstrap as B
+    from moelens.analysis._common import resolve
+
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 8)
+    on_store = B.bootstrap("repetition", store, run, n_boot=5, seed=1, values=["perm_first", "first_choice"])
+    assert_same(on_store, B.bootstrap("repetition", resolve(store, run), n_boot=5, seed=1, values=["perm_first", "first_choice"]), "perm")
+    assert on_store["perm_first_lo"].notna().all()

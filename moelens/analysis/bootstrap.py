@@ -217,10 +217,11 @@ def bootstrap(
     if n_boot < 2:
         raise InputError(f"n_boot must be at least 2, not {n_boot}")
     phase = params.pop("phase", None)
-    streamed = name in STREAMED and not isinstance(source, RoutingData) and run is not None
+    cols = list(values or VALUES.get(name, ()))
+    streamed = (name in STREAMED and not isinstance(source, RoutingData) and run is not None
+                and not any(c.startswith("perm_") for c in cols))  # (the permutation sample is no sum over sequences)
     data = None if streamed else resolve(source, run, phase=phase)
     point = score(source, run, phase=phase, **params) if streamed else score(data, **params)
-    cols = list(values or VALUES.get(name, ()))
     missing = [c for c in cols if c not in point.columns]
     if not cols or missing:
         raise InputError(f"give values=[...] columns of {name}'s output to bootstrap (columns: {list(point.columns)})")
