@@ -321,11 +321,12 @@ class ShareCounts(Chunked):
         each sequence is in no summary: None (streamed)."""
         from moelens.analysis.summary_partials import label_tables
 
-        counts, mass = label_tables(store, ctx, "count"), label_tables(store, ctx, "gate_mass")
-        if self.unit != "token" or counts is None or mass is None:
+        tables = label_tables(store, ctx, "count", "gate_mass") if self.unit == "token" else None
+        if tables is None:
             return None
+        n, (counts, mass) = tables
         D = len(ctx.meta.label_names)
-        return {"n_units": counts[0][:D], "counts": [a[:D] for a in counts[1]], "mass": [a[:D] for a in mass[1]]}
+        return {"n_units": n[:D], "counts": [a[:D] for a in counts], "mass": [a[:D] for a in mass]}
 
 
 def committee_share(

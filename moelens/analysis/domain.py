@@ -120,13 +120,14 @@ class DomainSummary(Chunked):
         ``tokens``, pair counts from ``repetition``."""
         from moelens.analysis.summary_partials import label_tables, pair_counts_by_label
 
-        topk, top1, pairs = label_tables(store, ctx, "count"), label_tables(store, ctx, "top1"), pair_counts_by_label(store, ctx)
-        if topk is None or top1 is None or pairs is None:
+        tables, pairs = label_tables(store, ctx, "count", "top1"), pair_counts_by_label(store, ctx)
+        if tables is None or pairs is None:
             return None
+        n, (topk, top1) = tables
         D = len(ctx.meta.label_names)
         return {
-            "n_d": topk[0][:D], "topk": [a[:D] for a in topk[1]], "top1": [a[:D] for a in top1[1]],
-            "q": [a.sum(axis=0) for a in top1[1]], "used": [a.sum(axis=0) for a in topk[1]],
+            "n_d": n[:D], "topk": [a[:D] for a in topk], "top1": [a[:D] for a in top1],
+            "q": [a.sum(axis=0) for a in top1], "used": [a.sum(axis=0) for a in topk],
             "pairs": [p[:2].sum(axis=1) for p in pairs],
         }  # fmt: skip
 

@@ -102,7 +102,7 @@ class PredicateCounts(Chunked):
         tables = label_tables(store, ctx)
         if tables is None:
             return None
-        n_tok, counts = tables
+        n_tok, (counts,) = tables
         n_e = [counts[li].sum(axis=0) for li in layers]
         if self.label is not None:
             n_x, n_xe = label_rows(n_tok, [counts[li] for li in layers], ctx.meta.label_names.index(self.label))

@@ -86,7 +86,7 @@ class RepetitionCounts(Chunked):
         tables, pairs = label_tables(store, ctx, "top1"), pair_counts_by_label(store, ctx)
         if self.permutation or tables is None or pairs is None:
             return None
-        n_tok, top1 = tables
+        n_tok, (top1,) = tables
         codes: list[int | None] = list(range(len(n_tok))) if self.by_label else [None]
         layers = []
         for li in range(ctx.meta.n_layers):

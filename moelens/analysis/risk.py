@@ -46,7 +46,8 @@ class RiskCounts(Chunked):
         tables = None if self.limit is not None else label_tables(store, ctx)
         if tables is None:
             return None
-        n, a = label_rows(*tables, None if self.label is None else ctx.meta.label_names.index(self.label))
+        n_tok, (counts,) = tables
+        n, a = label_rows(n_tok, counts, None if self.label is None else ctx.meta.label_names.index(self.label))
         return {"n": n, "a": a}
 
 

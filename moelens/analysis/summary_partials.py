@@ -13,21 +13,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low
-from moelens.analysis.summaries import _label_codes, _layer_arrays, _read
+from moelens.analysis.summaries import _layer_arrays, _read
 
 
-def label_tables(store: Any, ctx: Context, column: str = "count") -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """([D + 1] tokens per label code, per layer [D + 1, E] ``column`` of ``expert_counts``); code D =
-    unlabelled. None when a summary is missing."""
+def label_tables(store: Any, ctx: Context, *columns: str) -> tuple[np.ndarray, list[list[np.ndarray]]] | None:
+    """([D + 1] tokens per label code, for each of ``columns`` (default ``count``) of ``expert_counts`` per
+    layer [D + 1, E]); code D = unlabelled. None when a summary is missing."""
     counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
     if counts is None or tokens is None:
         return None
     D = len(ctx.meta.label_names)
-    n = np.bincount(_label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
-    dtype = np.float64 if column == "gate_mass" else np.int64
-    return n, _layer_arrays(counts, ctx.meta, _label_codes(counts, ctx.meta), D + 1, column, dtype)
+    n = np.bincount(label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
+    codes = label_codes(counts, ctx.meta)
+    return n, [_layer_arrays(counts, ctx.meta, codes, D + 1, c, np.float64 if c == "gate_mass" else np.int64) for c in columns or ("count",)]
+
+
+def label_codes(df: Any, data: Any) -> np.ndarray:
+    """Label code of each summary row, D for unlabelled (vectorised: summaries have a row per label)."""
+    codes = pd.Categorical(df["label"], categories=list(data.label_names)).codes.astype(np.int64)
+    return np.where(codes < 0, len(data.label_names), codes)
 
 
 def pair_counts_by_label(store: Any, ctx: Context) -> list[np.ndarray] | None:
@@ -92,7 +99,7 @@ def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | N
 def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int] | None:
     """(summary ``name``'s rows, their label codes (D = unlabelled), D), or None when not materialised."""
     rows = _read(store, ctx, name)
-    return None if rows is None else (rows, _label_codes(rows, ctx.meta), len(ctx.meta.label_names))
+    return None if rows is None else (rows, label_codes(rows, ctx.meta), len(ctx.meta.label_names))
 
 
 def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
