@@ -15,9 +15,10 @@ from typing import Any
 import pandas as pd
 
 
-def shortcut(name: str, params: dict[str, Any]) -> Any:
+def shortcut(name: str, params: dict[str, Any], available: tuple[str, ...] = ()) -> Any:
     """A function ``(store, run) -> frame | None`` answering analysis ``name`` with ``params`` by bounded reads,
-    or None when there is none (then the analysis runs, reading the summaries it needs itself)."""
+    or None when there is none (then the analysis runs, reading the summaries it needs itself). ``available``
+    (the run's summary names) is what callers pass; no shortcut here needs it now."""
     if params.get("phase") is not None:
         return None
     if name == "shared_expert_stats" and not params:

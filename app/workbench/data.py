@@ -225,7 +225,7 @@ def _function(name: str):
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _analysis(db: str, key: tuple, name: str, run: int, params: tuple) -> Any:
-    quick = bounded.shortcut(name, dict(params))
+    quick = bounded.shortcut(name, dict(params), key[1])
     with batch(db) as store:
         frame = quick(store, int(run)) if quick is not None else None
         return frame if frame is not None else _function(name)(store, int(run), **dict(params))
