@@ -62,21 +62,10 @@ def test_pages_read_summaries_not_routing(without_routing: tuple[Path, dict], na
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
 
-@pytest.mark.parametrize("params", [{"layer": 2, "expert": 3, "n": 10, "n_contexts": 3},
-                                    {"layer": 1, "expert": 0, "n": 5, "n_contexts": 2, "window": 2}])
-def test_bounded_top_tokens_equal_the_analysis(small: Path, params: dict) -> None:
-    store = TraceStore(small, read_only=True)
-    quick = bounded.shortcut("expert_top_tokens", params, tuple(store.summary_names(1)))
-    assert quick is not None
-    pd.testing.assert_frame_equal(quick(store, 1), analysis.expert_top_tokens(store, 1, **params), check_dtype=False)
-
-
 def test_what_bounded_reads_cannot_answer_goes_to_the_analysis() -> None:
-    names = ("token_experts",)
-    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0, "target": "next"}, names) is None
-    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0, "phase": "prompt"}, names) is None
-    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0}, ()) is None  # not summarised
-    assert bounded.shortcut("expert_load", {}, names) is None  # the analysis reads its summaries itself
+    assert bounded.shortcut("expert_top_tokens", {"layer": 1, "expert": 0}) is None  # finishes from summaries itself
+    assert bounded.shortcut("shared_expert_stats", {"phase": "prompt"}) is None
+    assert bounded.shortcut("expert_load", {}) is None  # the analysis reads its summaries itself
 
 
 def test_cache_key_survives_another_recording_and_moves_when_the_run_finishes(tmp_path: Path) -> None:
@@ -129,8 +118,8 @@ def test_the_app_opens_a_parquet_dataset(small: Path, tmp_path: Path) -> None:
 def test_router_token_stats_of_one_sequence_reads_that_sequence(small: Path) -> None:
     store = TraceStore(small, read_only=True)
     seq = int(store.sequences(1)["seq_id"].iloc[2])
-    quick = bounded.shortcut("router_token_stats", {"layer": 2, "seq_id": seq, "near_tie": 0.05}, ())
-    assert quick is not None and bounded.shortcut("router_token_stats", {"layer": 2}, ()) is None
+    quick = bounded.shortcut("router_token_stats", {"layer": 2, "seq_id": seq, "near_tie": 0.05})
+    assert quick is not None and bounded.shortcut("router_token_stats", {"layer": 2}) is None
     want = analysis.router_token_stats(store, 1, layer=2, seq_id=seq, near_tie=0.05)
     assert len(want) > 3
     pd.testing.assert_frame_equal(quick(store, 1), want, check_dtype=False)

@@ -22,7 +22,9 @@ page = ui.setup(
 
 ci = ui.ci_controls("cons")
 st.header("Consecutive-token repetition")
-rep = page.call_ci("repetition", ci)
+rep = page.call_ci("repetition", ci)  # with the shuffled-pairs baselines: on a big run these wait for Compute
+if rep is None:  # meanwhile the observed rates and the uniform / Σq² baselines, from the run's summaries
+    rep = page.call_ci("repetition", ci, permutation=False)
 if rep is not None:
     ui.figure(viz.repetition_chart(rep), "cons_rep", ui.slug(page, "repetition"),
               n=f"n = {int(rep['n_pairs'].max()):,} consecutive pairs per layer" if "n_pairs" in rep.columns else None)

@@ -232,7 +232,7 @@ def _function(name: str):
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _analysis(db: str, key: tuple, name: str, run: int, params: tuple, _budget: int | None = None) -> Any:
-    quick = bounded.shortcut(name, dict(params), key[1])
+    quick = bounded.shortcut(name, dict(params))
     with batch(db) as store:
         frame = quick(store, int(run)) if quick is not None else None
         return frame if frame is not None else _function(name)(store, int(run), **dict(params), **_how(name, _budget))
@@ -266,7 +266,7 @@ def analysis(db: str, name: str, run: int, **params: Any) -> Any:
         with batch(db) as store:
             return fn(store, run, **params, **_how(name, None, progress))
 
-    size = None if takes_how(name) or bounded.shortcut(name, params, key[1]) else run_size(db, run)
+    size = None if takes_how(name) or bounded.shortcut(name, params) else run_size(db, run)
     return within_budget(("analysis", db, key, name, run, frozen), f"`{name}`",
                          lambda budget: _analysis(db, key, name, run, frozen, _budget=budget), full, size)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import HOW_OPTIONS, Chunked, High, Low, compute_partial
+from moelens.analysis.chunked import HOW_OPTIONS, Chunked, Context, High, Low, compute_partial
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.errors import InputError
 
@@ -98,6 +98,13 @@ class EciStats(Chunked):
             n, selected, mass, top, low = eci_stats(batch.experts[li, units], batch.weights[li, units], label, D, int(E))
             out.append((n, selected, mass, High(top), Low(low)))
         return out
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """``unit="last_prompt_token"`` (any phase filter: the units are prompt tokens) from ``committee_units``;
+        every token's largest and smallest gate weight is in no summary, so ``unit="token"`` is streamed."""
+        from moelens.analysis.summary_partials import committee_units
+
+        return committee_units(store, ctx) if self.unit == "last_prompt_token" else None
 
 
 def _lists_table(stats: list[tuple[Any, ...]], data: RoutingData, eci: str, list_length: int | None, decimals: int | None) -> pd.DataFrame:
@@ -308,6 +315,18 @@ class ShareCounts(Chunked):
             "counts": [group_expert_counts(batch.experts[li, units], int(E), label, D) for li, E in enumerate(batch.n_experts)],
             "mass": [group_expert_counts(batch.experts[li, units], int(E), label, D, weights=batch.weights[li, units]) for li, E in enumerate(batch.n_experts)],
         }  # fmt: skip
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """``unit="token"`` (any phase filter) from ``tokens`` and ``expert_counts``; the last prompt token of
+        each sequence is in no summary: None (streamed)."""
+        from moelens.analysis.summary_partials import label_tables
+
+        tables = label_tables(store, ctx, "count", "gate_mass") if self.unit == "token" else None
+        if tables is None:
+            return None
+        n, (counts, mass) = tables
+        D = len(ctx.meta.label_names)
+        return {"n_units": n[:D], "counts": [a[:D] for a in counts], "mass": [a[:D] for a in mass]}
 
 
 def committee_share(

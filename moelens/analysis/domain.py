@@ -115,6 +115,22 @@ class DomainSummary(Chunked):
             out["pairs"].append(np.array([valid.sum(), same.sum()], np.int64))
         return out
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Exact for every phase filter: label × expert counts from ``expert_counts``, label sizes from
+        ``tokens``, pair counts from ``repetition``."""
+        from moelens.analysis.summary_partials import label_tables, pair_counts_by_label
+
+        tables, pairs = label_tables(store, ctx, "count", "top1"), pair_counts_by_label(store, ctx)
+        if tables is None or pairs is None:
+            return None
+        n, (topk, top1) = tables
+        D = len(ctx.meta.label_names)
+        return {
+            "n_d": n[:D], "topk": [a[:D] for a in topk], "top1": [a[:D] for a in top1],
+            "q": [a.sum(axis=0) for a in top1], "used": [a.sum(axis=0) for a in topk],
+            "pairs": [p[:2].sum(axis=1) for p in pairs],
+        }  # fmt: skip
+
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data = ctx.meta
         n_d = partial["n_d"].astype(np.float64)

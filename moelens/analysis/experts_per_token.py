@@ -5,16 +5,20 @@ dynamic routing (top-p, Huang et al. 2024, "Harder Tasks Need More Experts", arX
 per token, and the paper's claims are about that variation: harder inputs (labels, later positions, lower layers)
 take more experts. The mean is also the compute a routing strategy spends, in expert calls per token and layer.
 
-Written as map (per-batch counts of tokens per (layer, group, n_experts)) -> merge (add) -> finish, so batches of
-whole sequences can be scored separately and combined exactly.
+Written as map (per-batch counts of tokens per (layer, group, n_experts)) -> merge (add) -> finish, so a run streams
+through in batches of whole sequences (`ExpertsPerToken`, bounded memory) and combines exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import Source, resolve, result
+from moelens.analysis._common import Source, result
+from moelens.analysis.chunked import Chunked, Context, compute
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -80,12 +84,30 @@ def experts_per_token_finish(state: dict) -> pd.DataFrame:
     return frame.sort_values([c for c in ("layer", "label", "pos", "n_experts") if c in frame], kind="stable")
 
 
+@dataclass(frozen=True)
+class ExpertsPerToken(Chunked):
+    """`experts_per_token_map` / `_merge` / `_finish` as a streamed score."""
+
+    by: str = "layer"
+
+    def map(self, batch: RoutingData) -> dict:
+        return experts_per_token_map(batch, by=self.by)
+
+    def merge(self, a: dict, b: dict) -> dict:
+        return experts_per_token_merge(a, b)
+
+    def finish(self, partial: dict, ctx: Context) -> pd.DataFrame:
+        return result(experts_per_token_finish(partial), ctx.meta, "experts_per_token", by=self.by,
+                      reference="Huang et al. 2024, arXiv:2403.07652")
+
+
 def experts_per_token(source: Source, run: int | None = None, *, phase: str | None = None,
-                      by: str = "layer") -> pd.DataFrame:
+                      by: str = "layer", **how: Any) -> pd.DataFrame:
     """Distribution and mean of the number of routed experts per token, per layer (and label or position).
 
     A slot counts when it was routed (not padding of a top-p routing, not capacity-dropped, not weight 0).
+    Streamed over the run in batches of whole sequences.
     """
-    data = resolve(source, run, phase=phase)
-    frame = experts_per_token_finish(experts_per_token_map(data, by=by))
-    return result(frame, data, "experts_per_token", by=by, reference="Huang et al. 2024, arXiv:2403.07652")
+    if by not in BY:
+        raise InputError(f"by must be one of {BY}, not {by!r}")
+    return compute(ExpertsPerToken(by), source, run, phase=phase, **how)

@@ -86,6 +86,33 @@ class PredicateCounts(Chunked):
             "n_xe": [group_expert_counts(batch.experts[li, mask], int(batch.n_experts[li]))[0] for li in layers],
         }
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Label and token-id predicates (any phase filter): label sizes from ``tokens``, expert counts from
+        ``expert_counts``, token-id positions and their experts from ``token_ids`` and ``token_experts``. A
+        regex is matched against each position's own text: answered as the set of token ids whose text matches
+        when every token id of the run has one text (one grouped read of ``tokens``), else None (streamed),
+        as for a run with positions of unknown token id."""
+        from moelens.analysis.summary_partials import label_rows, label_tables, regex_token_ids, token_set_counts
+
+        token_predicate(ctx.meta, tokens=self.tokens, regex=self.regex, label=self.label)  # refuses a bad label
+        ids = regex_token_ids(store, ctx, self.regex) if self.regex is not None else self.tokens
+        if self.label is None and (ids is None or min(ids, default=0) < 0):
+            return None  # (summaries keep no position without a token id)
+        layers = range(ctx.meta.n_layers) if self.layer is None else [ctx.meta.layer_index(self.layer)]
+        tables = label_tables(store, ctx)
+        if tables is None:
+            return None
+        n_tok, (counts,) = tables
+        n_e = [counts[li].sum(axis=0) for li in layers]
+        if self.label is not None:
+            n_x, n_xe = label_rows(n_tok, [counts[li] for li in layers], ctx.meta.label_names.index(self.label))
+        else:
+            found = token_set_counts(store, ctx, ids or (), list(layers))
+            if found is None:
+                return None
+            n_x, n_xe = found
+        return {"n_x": n_x, "T": int(n_tok.sum()), "n_e": n_e, "n_xe": n_xe}
+
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data = ctx.meta
         _, described = token_predicate(data, tokens=self.tokens, regex=self.regex, label=self.label)

@@ -45,6 +45,7 @@ class RepetitionCounts(Chunked):
 
     by_label: bool = False
     seed: int = 0
+    permutation: bool = True
 
     def map(self, batch: RoutingData) -> dict[str, Any]:
         groups = _groups(batch, self.by_label)
@@ -65,6 +66,8 @@ class RepetitionCounts(Chunked):
                           (overlap & in_pair).sum(), (in_tok & has_any).sum(), in_tok.sum()]  # fmt: skip
                 per_group.append(np.r_[np.array(counts, np.int64), q])
             layers.append(per_group)
+        if not self.permutation:
+            return {"counts": layers, "sample": [None for _ in groups]}
         key = position_hash(batch.seq_id, batch.pos, self.seed)
         order = position_order(batch.seq_id, batch.pos)
         samples = []
@@ -73,6 +76,27 @@ class RepetitionCounts(Chunked):
             columns = {"seq": batch.seq_id[rows], "pos": batch.pos[rows], **{f"bits{li}": b[rows] for li, b in enumerate(bits)}}
             samples.append(Lowest(key[rows], order[rows], columns, PERM_SAMPLE))
         return {"counts": layers, "sample": samples}
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Without ``permutation`` (for any phase filter): pair counts from ``repetition``, group sizes from
+        ``tokens``, first-choice counts from ``expert_counts``. The permutation baselines need the groups'
+        routed-token counts and a token sample that no summary holds: None (streamed)."""
+        from moelens.analysis.summary_partials import label_rows, label_tables, pair_counts_by_label
+
+        tables, pairs = label_tables(store, ctx, "top1"), pair_counts_by_label(store, ctx)
+        if self.permutation or tables is None or pairs is None:
+            return None
+        n_tok, (top1,) = tables
+        codes: list[int | None] = list(range(len(n_tok))) if self.by_label else [None]
+        layers = []
+        for li in range(ctx.meta.n_layers):
+            per_group = []
+            for code in codes:
+                n, (q,) = label_rows(n_tok, [top1[li]], code)
+                p = pairs[li].sum(axis=1) if code is None else pairs[li][:, code]
+                per_group.append(np.r_[p, 0, n, q].astype(np.int64))  # routed-token count: only the permutation needs it
+            layers.append(per_group)
+        return {"counts": layers, "sample": [None for _ in codes]}
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data = ctx.meta
@@ -94,9 +118,10 @@ class RepetitionCounts(Chunked):
                     "uniform_first": 1.0 / E,
                     "uniform_overlap": uniform_overlap(E, k),
                     "sum_sq_first": float(((q / q.sum()) ** 2).sum()) if q.sum() else np.nan,
-                    "perm_first": _perm_first(q, n_pairs, n_same) if n_pool >= 4 else np.nan,
-                    "perm_overlap": _overlap_rate(sample, li) if n_pool >= 4 else np.nan,
                 }
+                if self.permutation:
+                    row["perm_first"] = _perm_first(q, n_pairs, n_same) if n_pool >= 4 else np.nan
+                    row["perm_overlap"] = _overlap_rate(sample, li) if n_pool >= 4 else np.nan
                 if self.by_label:
                     row = {"layer": row.pop("layer"), "label": name, **row}
                 rows.append(row)
@@ -104,13 +129,14 @@ class RepetitionCounts(Chunked):
             pd.DataFrame(rows), data, "repetition", by_label=self.by_label, seed=self.seed,
             pairs="consecutive tokens of one sequence; with phases pooled the prompt→generation pair is included",
             permutation=f"perm_first exact over all non-neighbour pairs; perm_overlap over all non-neighbour pairs of "
-            f"a sample of {PERM_SAMPLE} tokens per group (lowest seeded hash of (seq_id, pos))",
+            f"a sample of {PERM_SAMPLE} tokens per group (lowest seeded hash of (seq_id, pos))" if self.permutation else "not computed",
             reference="Mixtral of Experts (arXiv 2401.04088) Table 5",
         )  # fmt: skip
 
 
 def repetition(
-    source: Any, run: int | None = None, *, phase: str | None = None, by_label: bool = False, seed: int = 0, **how: Any
+    source: Any, run: int | None = None, *, phase: str | None = None, by_label: bool = False, seed: int = 0,
+    permutation: bool = True, **how: Any,
 ) -> pd.DataFrame:
     """Per layer [, label]: ``first_choice`` = share of consecutive pairs (same sequence) with the same
     rank-0 expert, ``any_overlap`` = share sharing at least one expert, over ``n_pairs`` / ``n_overlap_pairs``
@@ -122,9 +148,11 @@ def repetition(
     pairs among a deterministic sample of `PERM_SAMPLE` tokens per group (lowest hash of (seq_id, pos)
     seeded by ``seed``; every pair of a smaller group), so both are the same for any batch split. NaN for
     groups of fewer than 4 routed tokens. With ``by_label`` a pair belongs to its first token's label.
+    ``permutation=False`` leaves both permutation columns out; then a run with derived summaries answers
+    from them without a pass over its routing (the permutation baselines always need one).
     Mixtral (arXiv 2401.04088) Table 5
     """
-    return compute(RepetitionCounts(by_label, seed), source, run, phase=phase, **how)
+    return compute(RepetitionCounts(by_label, seed, permutation), source, run, phase=phase, **how)
 
 
 def _groups(data: RoutingData, by_label: bool) -> list[int | None]:

@@ -36,6 +36,20 @@ class RiskCounts(Chunked):
             rows = rows[(batch.seq_id[rows] < seq) | ((batch.seq_id[rows] == seq) & (within < n))]
         return {"n": len(rows), "a": [group_expert_counts(batch.experts[li, rows], int(E))[0] for li, E in enumerate(batch.n_experts)]}
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Any phase filter, from ``tokens`` and ``expert_counts``; not with a token ``limit`` that cuts the
+        behaviour inside the run (``equalize`` when the two sizes differ): where a sequence ends is not in
+        the summaries, so that is streamed."""
+        from moelens.analysis.summary_partials import label_rows, label_tables
+
+        _tokens(ctx.meta, self.label)  # refuses an unknown label
+        tables = None if self.limit is not None else label_tables(store, ctx)
+        if tables is None:
+            return None
+        n_tok, (counts,) = tables
+        n, a = label_rows(n_tok, counts, None if self.label is None else ctx.meta.label_names.index(self.label))
+        return {"n": n, "a": a}
+
 
 def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
     if label is None:

@@ -10,18 +10,21 @@ and ties are about the ranking, which both share.
 
 The per-layer score is written as map → merge → finish, so it streams over batches of whole sequences in
 bounded memory: `router_map` turns one batch into sums and histograms, `router_merge` adds two partials
-exactly, `router_finish` turns the total into the per-layer table. `router_stats` runs the three on one
-`RoutingData`.
+exactly, `router_finish` turns the total into the per-layer table. `router_stats` streams a run through them
+(`RouterCounts`), one pass per layer with logits, since a batch carries one layer's logits (E floats per
+token: the largest thing a run stores).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import Source, resolve, result
+from moelens.analysis.chunked import Chunked, Context, compute, context
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -60,20 +63,40 @@ def _layers_with_logits(data: RoutingData) -> list[tuple[int, np.ndarray]]:
 def router_map(data: RoutingData, *, near_tie: float = 0.02) -> dict[int, dict[str, Any]]:
     """Partial statistics of one batch: per layer, token count, sums of the four values, near-tie count and
     histograms of normalised entropy and margin."""
-    part: dict[int, dict[str, Any]] = {}
+    return {layer: _layer_part(logits, near_tie) for layer, logits in _layers_with_logits(data)}
+
+
+def _layer_part(logits: np.ndarray, near_tie: float) -> dict[str, Any]:
+    """`router_map`'s partial of one layer's ``float[T, E]`` logits."""
     edges = np.linspace(0, 1, N_BINS + 1)
-    for layer, logits in _layers_with_logits(data):
-        v = token_router_values(logits)
-        ok = ~np.isnan(v["entropy"])
-        part[layer] = {
-            "n_experts": logits.shape[1],
-            "n_tokens": int(ok.sum()),
-            **{f"sum_{k}": float(v[k][ok].sum()) for k in v},
-            "n_near_tie": int((v["margin"][ok] < near_tie).sum()),
-            "hist_norm_entropy": np.histogram(np.clip(v["norm_entropy"][ok], 0, 1), edges)[0],
-            "hist_margin": np.histogram(np.clip(v["margin"][ok], 0, 1), edges)[0],
-        }
-    return part
+    v = token_router_values(logits)
+    ok = ~np.isnan(v["entropy"])
+    return {
+        "n_experts": logits.shape[1],
+        "n_tokens": int(ok.sum()),
+        **{f"sum_{k}": float(v[k][ok].sum()) for k in v},
+        "n_near_tie": int((v["margin"][ok] < near_tie).sum()),
+        "hist_norm_entropy": np.histogram(np.clip(v["norm_entropy"][ok], 0, 1), edges)[0],
+        "hist_margin": np.histogram(np.clip(v["margin"][ok], 0, 1), edges)[0],
+    }
+
+
+@dataclass(frozen=True)
+class RouterCounts(Chunked):
+    """`router_map`'s partial of one layer (``logits_layer``), streamed with that layer's logits."""
+
+    logits_layer: int = 0
+    near_tie: float = 0.02
+
+    def map(self, batch: RoutingData) -> dict[int, dict[str, Any]]:
+        logits = batch.router_logits(self.logits_layer) if batch.n_tokens else None
+        return {} if logits is None else {self.logits_layer: _layer_part(logits, self.near_tie)}
+
+    def merge(self, a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return router_merge(a, b)
+
+    def finish(self, partial: dict[int, dict[str, Any]], ctx: Context) -> pd.DataFrame:
+        return router_finish(partial)
 
 
 def router_merge(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -111,18 +134,29 @@ def router_finish(part: dict[int, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def router_stats(source: Source, run: int | None = None, *, near_tie: float = 0.02, phase: str | None = None) -> pd.DataFrame:
+def router_stats(source: Source, run: int | None = None, *, near_tie: float = 0.02, phase: str | None = None,
+                 **how: Any) -> pd.DataFrame:
     """Router confidence per layer from recorded logits: mean entropy (nats and ÷ ln E), mean top-1/top-2
     probability and logit margins, the share of near-ties (probability margin < ``near_tie``) and the medians.
-    Needs a run recorded with router logits."""
-    data = resolve(source, run, phase=phase)
+    Needs a run recorded with router logits. Streamed: one pass per layer with logits."""
     if not 0 <= near_tie <= 1:
         raise InputError(f"near_tie is a probability margin between 0 and 1, not {near_tie}")
-    part = router_map(data, near_tie=near_tie)
-    if not part:
+    meta = context(source, run, phase=phase).meta
+    frames = [compute(RouterCounts(layer, near_tie), source, run, phase=phase, **how) for layer in _logit_layers(source, run, meta)]
+    frames = [f for f in frames if len(f)]
+    if not frames:
         raise InputError("this run has no router logits; record it with logits enabled (moelens record --logits)")
-    return result(router_finish(part), data, "router_stats", near_tie=near_tie, softmax="over each layer's routed experts",
-                  reference=_REFERENCE)
+    return result(pd.concat(frames, ignore_index=True), meta, "router_stats", near_tie=near_tie,
+                  softmax="over each layer's routed experts", reference=_REFERENCE)
+
+
+def _logit_layers(source: Any, run: int | None, meta: RoutingData) -> list[int]:
+    """The layers with recorded logits: of an in-memory run, those it holds; of a store's run, one grouped
+    read of ``router_logits`` (no pass for a layer without any)."""
+    if isinstance(source, RoutingData):
+        return [layer for layer, _ in _layers_with_logits(resolve(source))]
+    rows = source.query("SELECT DISTINCT layer FROM router_logits WHERE run_id = ? AND logits IS NOT NULL", [int(run)])  # type: ignore[arg-type]
+    return [int(layer) for layer in meta.layer_ids if layer in set(rows["layer"].astype(int))]
 
 
 def router_token_stats(source: Source, run: int | None = None, *, layer: int, seq_id: int | None = None,

@@ -15,7 +15,10 @@ two tokens' phases differ; ``label`` NULL = unlabelled):
 * ``token_experts``: layer, phase, token_id, expert, count, first_at (``seq_id << 35 | pos << 7 | rank``
   of the first such slot);
 * ``token_ids``: phase, token_id, n (positions);
-* ``repetition``: layer, label, phase, n_pairs, same_first, n_overlap_pairs, overlap (consecutive pairs).
+* ``repetition``: layer, label, phase, n_pairs, same_first, n_overlap_pairs, overlap (consecutive pairs);
+* ``committee_units``: layer, label, phase (always prompt), expert, n_units, count, gate_mass, gate_max,
+  gate_min — the CommitteeAudit statistics over each labelled sequence's last prompt token, every expert of
+  every label with units (``gate_max`` 0 / ``gate_min`` +inf where never selected).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import pyarrow as pa
 
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
-from moelens.analysis.chunked import Chunked, Context, Keyed, compute_partial
+from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, compute_partial
 from moelens.analysis.coactivation import pair_counts
+from moelens.analysis.committee import eci_stats, unit_tokens
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
 from moelens.analysis.transitions import transition_counts
 from moelens.analysis.vocabulary import order_key
 
-NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition")
+NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units")
 
 #: Phase codes in the summaries' arrays: index = PHASES code + 1 (0 = unknown).
 _P = len(PHASES) + 1
@@ -58,7 +62,9 @@ class RunSummary(Chunked):
             "tokens": np.bincount(cell, minlength=G * _P),
             "token_ids": Keyed((tok * _P + phase)[tok >= 0], {"n": np.ones(int((tok >= 0).sum()), np.int64)}, {"n": "sum"}),
             "count": [], "top1": [], "mass": [], "pairs": [], "transitions": [], "token_experts": [], "repetition": [],
+            "committee_units": [],
         }  # fmt: skip
+        units = unit_tokens(batch, "last_prompt_token")
         order = order_key(batch, np.arange(batch.n_tokens))
         for li, E in enumerate(batch.n_experts):
             E = int(E)
@@ -81,6 +87,8 @@ class RunSummary(Chunked):
             overlap = intersection_size(bits[pairs], bits[pairs + 1]) > 0
             pair_cell = label[pairs] * _P + pair_phase
             out["repetition"].append(np.stack([np.bincount(pair_cell, weights=w, minlength=G * _P).astype(np.int64) for w in (valid, same, overlap_ok, overlap)]))
+            n, selected, unit_mass, top, low = eci_stats(exp[units], batch.weights[li, units], batch.label[units], D, E)
+            out["committee_units"].append((n, selected, unit_mass, High(top), Low(low)))
         return out
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> dict[str, pa.Table]:
@@ -113,7 +121,7 @@ def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
     n_tok = partial["tokens"]
     keep = n_tok > 0
     out["tokens"] = cols(label=labels[cells[keep] // _P], phase=phases[cells[keep] % _P], n_tokens=n_tok[keep].astype(np.int64))
-    frames: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ("expert_counts", "coactivation", "transitions", "token_experts", "repetition")}
+    frames: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ("expert_counts", "coactivation", "transitions", "token_experts", "repetition", "committee_units")}
     for li, layer in enumerate(data.layer_ids):
         E = int(data.n_experts[li])
         count, top1, mass = partial["count"][li], partial["top1"][li], partial["mass"][li]
@@ -142,6 +150,14 @@ def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
         frames["repetition"].append(
             dict(layer=np.full(len(c), layer, np.int16), label=labels[c // _P], phase=phases[c % _P], n_pairs=rep[0, c], same_first=rep[1, c],
                  n_overlap_pairs=rep[2, c], overlap=rep[3, c])
+        )  # fmt: skip
+        n, selected, unit_mass, top, low = partial["committee_units"][li]
+        d = np.repeat(np.flatnonzero(n), E)
+        e = np.tile(np.arange(E), len(np.flatnonzero(n)))
+        frames["committee_units"].append(
+            dict(layer=np.full(len(d), layer, np.int16), label=labels[d], phase=np.full(len(d), "prompt", dtype=object), expert=e.astype(np.int16),
+                 n_units=n[d].astype(np.int64), count=selected[d, e].astype(np.int64), gate_mass=unit_mass[d, e].astype(np.float64),
+                 gate_max=top.value[d, e].astype(np.float64), gate_min=low.value[d, e].astype(np.float64))
         )  # fmt: skip
     for name, parts in frames.items():
         out[name] = pa.concat_tables([cols(**part) for part in parts]) if parts else pa.table({})

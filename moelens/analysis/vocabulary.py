@@ -196,6 +196,15 @@ class TopTokens(Chunked):
             "names": names,
         }
 
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Input target, every phase pooled: from ``token_experts`` plus bounded reads of ``tokens`` (and of
+        ``routing`` for the contexts); other targets and a phase filter are streamed."""
+        from moelens.analysis.summary_partials import top_tokens
+
+        if self.target != "input":
+            return None
+        return top_tokens(store, ctx, self.layer, self.expert, self.n, self.n_contexts, self.window)
+
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         ids, here = partial["here"].table()
         all_ids, every = partial["all"].table()

@@ -1,0 +1,195 @@
+"""Partials of the label/token-set scores rebuilt from a run's derived summaries (`moelens.analysis.summaries`).
+
+Why a module of its own: each function here returns exactly the merged partial that the score's ``map`` over
+every batch would have produced (integers equal, float sums up to rounding), so ``finish`` cannot tell the
+two apart, and the score answers without reading ``routing``. Each returns None when a summary it needs
+is not materialised; the score's own ``from_summaries`` decides which parameters can be answered at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low
+from moelens.analysis.summaries import _layer_arrays, _read
+
+
+def label_tables(store: Any, ctx: Context, *columns: str) -> tuple[np.ndarray, list[list[np.ndarray]]] | None:
+    """([D + 1] tokens per label code, for each of ``columns`` (default ``count``) of ``expert_counts`` per
+    layer [D + 1, E]); code D = unlabelled. None when a summary is missing."""
+    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
+    if counts is None or tokens is None:
+        return None
+    D = len(ctx.meta.label_names)
+    n = np.bincount(label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
+    codes = label_codes(counts, ctx.meta)
+    return n, [_layer_arrays(counts, ctx.meta, codes, D + 1, c, np.float64 if c == "gate_mass" else np.int64) for c in columns or ("count",)]
+
+
+def label_codes(df: Any, data: Any) -> np.ndarray:
+    """Label code of each summary row, D for unlabelled (vectorised: summaries have a row per label)."""
+    codes = pd.Categorical(df["label"], categories=list(data.label_names)).codes.astype(np.int64)
+    return np.where(codes < 0, len(data.label_names), codes)
+
+
+def pair_counts_by_label(store: Any, ctx: Context) -> list[np.ndarray] | None:
+    """Per layer ``[4, D + 1]`` consecutive-pair counts (n_pairs, same_first, n_overlap_pairs, overlap) by
+    the pair's label code, from ``repetition``."""
+    found = _labelled(store, ctx, "repetition")
+    if found is None:
+        return None
+    rows, codes, D = found
+    out = []
+    for layer in ctx.meta.layer_ids:
+        here = (rows["layer"] == layer).to_numpy()
+        out.append(np.stack([np.bincount(codes[here], weights=rows[c].to_numpy()[here], minlength=D + 1).astype(np.int64)
+                             for c in ("n_pairs", "same_first", "n_overlap_pairs", "overlap")]))  # fmt: skip
+    return out
+
+
+def token_set_counts(store: Any, ctx: Context, ids: Sequence[int], layers: Sequence[int]) -> tuple[int, list[np.ndarray]] | None:
+    """(positions whose token id is in ``ids``, per layer position in ``layers`` ``[E]`` routed slots of
+    those positions), from ``token_ids`` and ``token_experts`` — two grouped queries that read only those
+    ids' rows (``token_experts`` is the largest summary: rows per layer × token id × expert)."""
+    from moelens.store.schema import summary_table
+
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or not {"token_experts", "token_ids"} <= store.summary_names(run):
+        return None
+    where = "run_id = ? AND list_contains(?::BIGINT[], token_id)" + ("" if ctx.meta.phase_filter is None else " AND phase = ?")
+    args = [int(run), sorted({int(t) for t in ids}), *([] if ctx.meta.phase_filter is None else [ctx.meta.phase_filter])]
+    n_x = store.query(f"SELECT coalesce(sum(n), 0) AS n FROM {summary_table('token_ids')} WHERE {where}", args)["n"].iloc[0]
+    rows = store.query(f"SELECT layer, expert, sum(count) AS count FROM {summary_table('token_experts')} WHERE {where} "
+                       "GROUP BY layer, expert", args)  # fmt: skip
+    out = []
+    for li in layers:
+        here = rows[rows["layer"] == ctx.meta.layer_ids[li]]
+        out.append(np.bincount(here["expert"].to_numpy().astype(np.int64), weights=here["count"].to_numpy(),
+                               minlength=int(ctx.meta.n_experts[li])).astype(np.int64))  # fmt: skip
+    return int(n_x), out
+
+
+def regex_token_ids(store: Any, ctx: Context, regex: str) -> list[int] | None:
+    """The token ids whose text matches ``regex`` (searched, as `moelens.analysis.npmi.token_predicate`
+    does per position), or None when that is not a property of the id: a position without a token id, or an
+    id recorded with two texts (or with and without one) in this run."""
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or not hasattr(store, "query"):
+        return None
+    texts = store.query("SELECT token_id, count(DISTINCT coalesce(token, token_id::VARCHAR)) AS n_texts, "
+                        "any_value(coalesce(token, token_id::VARCHAR)) AS text FROM tokens WHERE run_id = ? GROUP BY token_id", [int(run)])  # fmt: skip
+    if (texts["token_id"] < 0).any() or (texts["n_texts"] > 1).any():
+        return None
+    pattern = re.compile(regex)
+    return [int(t) for t, text in zip(texts["token_id"], texts["text"]) if pattern.search(str(text))]
+
+
+def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | None) -> tuple[int, list[np.ndarray]]:
+    """(tokens, per layer ``[E]``) of one label code, or of every token (``label`` None)."""
+    if label is None:
+        return int(n_tokens.sum()), [a.sum(axis=0) for a in per_layer]
+    return int(n_tokens[label]), [a[label] for a in per_layer]
+
+
+def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int] | None:
+    """(summary ``name``'s rows, their label codes (D = unlabelled), D), or None when not materialised."""
+    rows = _read(store, ctx, name)
+    return None if rows is None else (rows, label_codes(rows, ctx.meta), len(ctx.meta.label_names))
+
+
+def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
+    """`moelens.analysis.committee.EciStats`'s partial over last prompt tokens, from ``committee_units``."""
+    found = _labelled(store, ctx, "committee_units")
+    if found is None:
+        return None
+    rows, codes, D = found
+    out = []
+    for li, layer in enumerate(ctx.meta.layer_ids):
+        E = int(ctx.meta.n_experts[li])
+        here = (rows["layer"] == layer).to_numpy() & (codes < D)
+        d, e = codes[here], rows["expert"].to_numpy()[here].astype(np.int64)
+        n = np.zeros(D, np.int64)
+        n[d] = rows["n_units"].to_numpy()[here]
+        stats = []
+        for column, fill in (("count", 0), ("gate_mass", 0.0), ("gate_max", 0.0), ("gate_min", np.inf)):
+            arr = np.full((D, E), fill, np.int64 if column == "count" else np.float64)
+            arr[d, e] = rows[column].to_numpy()[here]
+            stats.append(arr)
+        out.append((n, stats[0], stats[1], High(stats[2]), Low(stats[3])))
+    return out
+
+
+def top_tokens(store: Any, ctx: Context, layer: int, expert: int, n: int, n_contexts: int, window: int) -> dict[str, Any] | None:
+    """`moelens.analysis.vocabulary.TopTokens`'s partial (input target, every phase) for what its finish
+    shows: one expert's ``token_experts`` rows (all of its token ids, so the order and shares are exact),
+    and for the top ``n`` ids only their totals and first text (``tokens``) and their first ``n_contexts``
+    routed occurrences, searched from the start of the run in growing seq_id windows of ``routing`` (the
+    frequent ids are found in the first few sequences), with their context from ``tokens``."""
+    from moelens.store.schema import summary_table
+
+    run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
+    if run is None or ctx.meta.phase_filter is not None or "token_experts" not in store.summary_names(run):
+        return None
+    here = store.query(f"SELECT token_id, sum(count) AS count FROM {summary_table('token_experts')} WHERE run_id = ? "
+                       "AND layer = ? AND expert = ? GROUP BY token_id", [int(run), int(layer), int(expert)])  # fmt: skip
+    ids_here = here["token_id"].to_numpy().astype(np.int64)
+    counts = here["count"].to_numpy().astype(np.int64)
+    top = [int(t) for t in ids_here[np.lexsort((ids_here, -counts))[:n]]]
+    totals: dict[int, int] = {}
+    names: dict[int, list[tuple[int, Any]]] = {}
+    if top:
+        marks = ", ".join("?" for _ in top)
+        info = store.query(
+            f"SELECT token_id, count(*) AS n, arg_min(coalesce(token, token_id::VARCHAR), seq_id::BIGINT * 4294967296 + pos) AS token "
+            f"FROM tokens WHERE run_id = ? AND token_id IN ({marks}) GROUP BY token_id", [int(run), *top])  # fmt: skip
+        totals = dict(zip(info["token_id"].astype(int), info["n"].astype(int)))
+        names = {int(t): [(0, name)] for t, name in zip(info["token_id"], info["token"])}
+    all_ids = np.array(sorted(totals), np.int64)
+    return {
+        "here": Keyed(ids_here, {"n": counts}, {"n": "sum"}),
+        "all": Keyed(all_ids, {"n": np.array([totals[t] for t in all_ids], np.int64)}, {"n": "sum"}),
+        "contexts": Firsts(_contexts(store, ctx, run, layer, expert, top, n_contexts, window), n_contexts),
+        "names": Firsts(names, 1),
+    }
+
+
+def _contexts(store: Any, ctx: Context, run: int, layer: int, expert: int, ids: list[int], n_contexts: int, window: int) -> dict[int, list[tuple[int, str]]]:
+    """The first ``n_contexts`` (order, context) of each id in ``ids`` routed to (layer, expert)."""
+    if n_contexts <= 0 or not ids or not len(ctx.sequences):
+        return {}
+    lo, last = int(ctx.sequences["seq_id"].min()), int(ctx.sequences["seq_id"].max())
+    marks = ", ".join("?" for _ in ids)
+    found: dict[int, list[tuple[int, int]]] = {}
+    span = 64
+    while lo <= last and any(len(found.get(t, [])) < n_contexts for t in ids):
+        hi = lo + span - 1
+        hits = store.query(
+            f"SELECT t.token_id, t.seq_id, t.pos FROM tokens t SEMI JOIN (SELECT seq_id, pos FROM routing WHERE run_id = ? "
+            f"AND layer = ? AND expert = ? AND seq_id BETWEEN ? AND ? AND (weight IS NULL OR weight <> 0)) r USING (seq_id, pos) "
+            f"WHERE t.run_id = ? AND t.seq_id BETWEEN ? AND ? AND t.token_id IN ({marks}) ORDER BY t.seq_id, t.pos",
+            [int(run), int(layer), int(expert), lo, hi, int(run), lo, hi, *ids])  # fmt: skip
+        for t, s, p in hits.itertuples(index=False):
+            if len(found.setdefault(int(t), [])) < n_contexts:
+                found[int(t)].append((int(s), int(p)))
+        lo, span = hi + 1, span * 4
+    seqs = sorted({s for places in found.values() for s, _ in places})
+    if not seqs:
+        return {}
+    text = store.query(
+        f"SELECT seq_id, pos, coalesce(token, token_id::VARCHAR) AS token FROM tokens WHERE run_id = ? "
+        f"AND seq_id IN ({', '.join('?' for _ in seqs)}) ORDER BY seq_id, pos", [int(run), *seqs])  # fmt: skip
+    by_seq = {int(s): (g["pos"].to_numpy(), g["token"].tolist()) for s, g in text.groupby("seq_id")}
+    out: dict[int, list[tuple[int, str]]] = {}
+    for t, places in found.items():
+        for s, p in places:
+            pos, toks = by_seq[s]
+            at = int(np.searchsorted(pos, p))
+            a, b = max(at - window, 0), min(at + window + 1, len(toks))
+            context = "".join(toks[a:at]) + "⟦" + str(toks[at]) + "⟧" + "".join(toks[at + 1 : b])
+            out.setdefault(t, []).append(((s << 32) | p, context))
+    return out
