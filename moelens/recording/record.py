@@ -97,8 +97,7 @@ def record(
     if contributions:
         check_supported(info)  # refuse before a run exists
     gen_kwargs = _generate_kwargs(generate)
-    if gen_kwargs is not None and info.is_encoder_decoder:
-        raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
+    gen_batch = generation_batch_size(model, info, gen_kwargs, batch_size)
     store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
                      text_field=text_field, label_field=label_field)
@@ -114,12 +113,8 @@ def record(
         raise InputError("nothing to record: the inputs contain no text or tokens"
                          + (f" (skipped {empty} empty document{'s' if empty != 1 else ''})" if empty else ""))
 
-    gen_batch = None if gen_kwargs is None else _generation_batch_size(model, gen_kwargs, batch_size)
-    run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
-                    "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
-                    "add_special_tokens": add_special_tokens, "contributions": contributions}
-    if gen_batch is not None:
-        run_metadata["generate_batch_size"] = gen_batch
+    run_metadata = recording_metadata(metadata, gen_kwargs, gen_batch, seq_len=seq_len, batch_size=batch_size, logits=logits,
+                                      chat=chat, add_special_tokens=add_special_tokens, contributions=contributions)
     run_id = into.run_id if into is not None else store.create_run(
         model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         name=name,
@@ -447,10 +442,26 @@ def _batched(chunks: Iterable[Chunk], size: int) -> Iterator[list[Chunk]]:
         yield batch
 
 
-def _generation_batch_size(model: Any, gen_kwargs: dict[str, Any], batch_size: int) -> int:
-    """``batch_size``, or 1 where a padded batch would stop rows differently than generating each alone: a
+def recording_metadata(metadata: dict | None, gen_kwargs: dict[str, Any] | None, gen_batch: int | None,
+                       **settings: Any) -> dict:
+    """A run's metadata: the caller's, the recording settings, a readable ``generate`` and, when generating,
+    the batch size generation actually used (shared by `record` and the distributed driver)."""
+    out = {**(metadata or {}), **settings, "generate": None if gen_kwargs is None else readable(gen_kwargs)}
+    if gen_batch is not None:
+        out["generate_batch_size"] = gen_batch
+    return out
+
+
+def generation_batch_size(model: Any, info: MoEInfo, gen_kwargs: dict[str, Any] | None, batch_size: int) -> int | None:
+    """How many prompts to generate at once (None: not generating); refuses encoder-decoder models.
+
+    ``batch_size``, or 1 where a padded batch would stop rows differently than generating each alone: a
     ``max_length`` counts the left padding, stopping criteria and stop strings see the padded ids, and a model
     whose forward takes no ``position_ids`` cannot place a left-padded row's tokens at their own positions."""
+    if gen_kwargs is None:
+        return None
+    if info.is_encoder_decoder:
+        raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
     stops = ("stopping_criteria", "stop_strings", "max_time")
     if (_generation_setting(gen_kwargs, "max_new_tokens") is None or any(_generation_setting(gen_kwargs, n) for n in stops)
             or "position_ids" not in inspect.signature(model.forward).parameters):
