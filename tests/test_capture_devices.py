@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from moelens.adapters import RoutingCapture, find_routers
-from moelens.adapters.capture import RouterCall, _calls_to_host
+from moelens.adapters.capture import RouterCall
+from moelens.adapters.capture_transfer import to_host, transfer_groups
+from moelens.adapters.contributions import ContributionCall
 from moelens.tiny import tiny_model
 
 pytest.importorskip("accelerate")
@@ -61,13 +63,54 @@ def test_async_pop_equals_pop_on_cpu():
 
 
 def test_tensors_on_several_devices_are_grouped_not_concatenated():
-    """One transfer per (field, device): calls on different devices each get back their own values."""
+    """Calls on different devices each get back their own values (CUDA devices where the machine has them)."""
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     calls = [RouterCall(layer=i, experts=torch.full((3, 2), i, device=devices[i % len(devices)]),
                         weights=torch.full((3, 2), i / 10, device=devices[i % len(devices)])) for i in range(4)]
-    out = _calls_to_host(calls, non_blocking=True).wait()
+    out = to_host(calls, non_blocking=True).wait()
     for i, call in enumerate(out):
         assert call.experts.device.type == "cpu" and (call.experts == i).all() and torch.allclose(call.weights, torch.tensor(i / 10))
+
+
+def test_one_transfer_per_device_and_dtype_for_routing_and_contributions_together():
+    """The grouping, on meta tensors standing in for an accelerator's (devices and dtypes only, no data): routing
+    and contribution tensors of one forward share one group per (device, dtype); CPU tensors need no transfer.
+    (Two accelerators never share a group: the CUDA tests above, where the machine has several devices.)"""
+    meta = {"device": "meta"}
+    route = [RouterCall(layer=0, experts=torch.empty(3, 2, dtype=torch.int64, **meta), weights=torch.empty(3, 2, **meta),
+                        logits=torch.empty(3, 4, dtype=torch.bfloat16, **meta)),
+             RouterCall(layer=1, experts=torch.empty(3, 2, dtype=torch.int64), weights=torch.empty(3, 2),
+                        shared_gate=torch.empty(3, **meta))]
+    contrib = [ContributionCall(0, torch.empty(3, 2, **meta), torch.empty(3, 2, **meta), torch.empty(3, **meta)),
+               ContributionCall(1, torch.empty(3, 2), torch.empty(3, 2), torch.empty(3))]
+    groups = transfer_groups([*route, *contrib])
+    named = {key: [(type(r).__name__, r.layer, f) for r, f in owners] for key, owners in groups.items()}
+    on = torch.device("meta")
+    assert named == {
+        (on, torch.int64): [("RouterCall", 0, "experts")],
+        (on, torch.float32): [("RouterCall", 0, "weights"), ("RouterCall", 1, "shared_gate"),
+                              ("ContributionCall", 0, "weights"), ("ContributionCall", 0, "norms"),
+                              ("ContributionCall", 0, "cos")],
+        (on, torch.bfloat16): [("RouterCall", 0, "logits")],
+    }
+
+
+def test_async_contributions_equal_blocking_ones_bitwise():
+    """`pop_async` carries the contribution calls in the routing's transfer; on the CPU nothing changes a bit."""
+    model, _ = tiny_model("qwen2_moe")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    info = find_routers(model)
+    with torch.inference_mode(), RoutingCapture(model, info, contributions=True) as capture:
+        model(ids)
+        pending = capture.pop_async()
+        model(ids)
+        blocking, routed = capture.contributions.pop(), capture.pop()
+    _same(pending.wait(), routed)
+    got = pending.wait_contributions()
+    assert [c.layer for c in got] == [c.layer for c in blocking] == [s.layer for s in info.sites]
+    for x, y in zip(got, blocking):
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ContributionCall.TENSORS)
+        assert x.norms.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

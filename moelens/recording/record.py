@@ -219,14 +219,9 @@ def _cpu_argmax(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(-1).numpy()
 
 
-def _pop(capture: RoutingCapture) -> tuple[PendingCalls, list | None]:
-    """The routing of the last forward(s), copies started; contribution norms (small, copied at once) if kept."""
-    contributions = capture.contributions.pop() if capture.contributions is not None else None
-    return capture.pop_async(), contributions
-
-
-def _routing_tables(info: MoEInfo, pending: PendingCalls, contributions: list | None, rows: RowMap) -> dict:
+def _routing_tables(info: MoEInfo, pending: PendingCalls, rows: RowMap) -> dict:
     tables = routing_columns(pending.wait(), rows)
+    contributions = pending.wait_contributions()
     if contributions is not None:
         tables |= contribution_columns(contributions, rows.seq_id, rows.pos, rows.keep)
     rows.check_complete([s.layer for s in info.sites])
@@ -242,11 +237,11 @@ def _forward(model: Any, info: MoEInfo, capture: RoutingCapture, batch: list[Chu
     if info.is_encoder_decoder:  # both stacks route the same tokens at the same positions
         kwargs.update(decoder_input_ids=kwargs["input_ids"], decoder_attention_mask=kwargs["attention_mask"])
     predicted = _Predicted(model(**kwargs).logits)
-    pending, contributions = _pop(capture)
+    pending = capture.pop_async()
 
     def build() -> tuple[dict, int, int]:
         rows = forward_rows(seq_start, mask.numpy())
-        tables = _routing_tables(info, pending, contributions, rows)
+        tables = _routing_tables(info, pending, rows)
         kept = predicted.wait().reshape(-1)[rows.keep]
         tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(kept, type=pa.int32()))
         tables["sequences"] = _sequence_columns(batch, seq_start, prompt_lens=[len(c.ids) for c in batch])
@@ -287,14 +282,14 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     # Raw logits of every step (and of the extra forward): their argmax predicts the next token of each row.
     predicted = _HostCopy(torch.stack([s.argmax(-1) for s in [*out.logits, last.logits[:, -1]]], dim=1))
     sequences = _HostCopy(out.sequences)
-    pending, contributions = _pop(capture)
+    pending = capture.pop_async()
 
     def build() -> tuple[dict, int, int]:
         generated = sequences.wait()[:, width:]
         step_predicted = predicted.wait()
         n_generated = [_generated_length(row, eos) for row in generated]
         rows = generation_rows(seq_start, [len(c.ids) for c in batch], width, n_generated, n_new)
-        tables = _routing_tables(info, pending, contributions, rows)
+        tables = _routing_tables(info, pending, rows)
         fulls, predicted_ids, phase = [], [], []
         for chunk, new, n, step in zip(batch, generated, n_generated, step_predicted):
             n_prompt, new_ids = len(chunk.ids), [int(t) for t in new[:n]]
