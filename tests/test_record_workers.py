@@ -64,7 +64,7 @@ def test_two_workers_equal_one_process_row_for_row(cluster, tmp_path):
     run = record_distributed(MODEL, TEXTS, tmp_path / "ds", workers=2, labels=LABELS, seq_len=16, batch_size=3, progress=False)
     store = TraceStore(tmp_path / "ds")
     info = store.run(run)
-    assert info["status"] == "complete" and store.shard_ids(run) == [0, 1]
+    assert info["status"] == "complete" and store.shard_ids(run) == [0, 1] and info["n_shards"] == 2
     assert all(store.shard_done(run, s) for s in (0, 1))
     _same_run(store, run, single, single_run)
     seqs = _rows(store, "sequences", run, "seq_id")

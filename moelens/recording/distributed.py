@@ -86,7 +86,8 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
                                           **{k: opts[k] for k in ("seq_len", "batch_size", "logits", "chat",
                                                                   "add_special_tokens", "contributions")},
                                           empty_documents=counts["empty_documents"], workers=len(shards), engine="ray")
-        run_id = store.create_run(record_kwargs.pop("model_name", None) or model_spec, name=name, **fields, metadata=run_metadata)
+        run_id = store.create_run(record_kwargs.pop("model_name", None) or model_spec, name=name, **fields, metadata=run_metadata,
+                                  n_shards=len(shards))
         store.append(run_id, {"layers": layers})
         pending = {actors[s].record.remote(str(store.path), ShardTarget(run_id, s, start), chunks[start:stop], record_kwargs): s
                    for s, (start, stop) in enumerate(shards)}

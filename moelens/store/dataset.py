@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -149,9 +150,10 @@ class DatasetStore(TraceStore):
     def _define_views(self, con: duckdb.DuckDBPyConnection) -> None:
         con.register("meta", pa.table({"key": ["schema_version", "format"], "value": [str(self.schema_version), FORMAT]}))
         for table in contract():
-            if table in ("meta", "summaries"):
+            if table in ("meta", "summaries", "runs"):
                 continue
             con.execute(f"CREATE VIEW {_ident(table)} AS {_select(table, self._files(table))}")
+        self._define_runs_view(con)
         registry = []
         for target in sorted(p.name for p in self.path.glob(SUMMARY_PREFIX + "*") if p.is_dir()):
             files = sorted(glob.glob(str(self.path / glob.escape(target) / "run_id=*" / "part-0.parquet")))
@@ -167,6 +169,46 @@ class DatasetStore(TraceStore):
             "n_rows": pa.array([r[2] for r in registry], pa.int64()),
             "columns": pa.array([r[3] for r in registry], pa.list_(pa.string())),
         }))
+
+    def _define_runs_view(self, con: duckdb.DuckDBPyConnection) -> None:
+        """``runs`` as stored, except that a run stored ``complete`` whose shards are not all whole on disk reads
+        ``incomplete``, its ``error`` saying which shard is missing or partial (`shard_problem`): a shard folder
+        deleted or copied partially after the run finished is never analysed as if the run were complete."""
+        con.execute(f"CREATE VIEW _stored_runs AS {_select('runs', self._files('runs'))}")
+        stored = con.execute("SELECT run_id, n_shards FROM _stored_runs WHERE status = 'complete'").fetchall()
+        problems = [(run_id, problem) for run_id, n_shards in stored
+                    if (problem := self.shard_problem(run_id, n_shards)) is not None]
+        con.register("_run_problems", pa.table({"run_id": pa.array([p[0] for p in problems], pa.int32()),
+                                                "problem": pa.array([p[1] for p in problems], pa.string())}))
+        con.execute("CREATE VIEW runs AS SELECT r.* REPLACE (CASE WHEN p.problem IS NULL THEN r.status ELSE 'incomplete' END "
+                    "AS status, coalesce(p.problem, r.error) AS error) FROM _stored_runs r LEFT JOIN _run_problems p USING (run_id)")
+
+    def shard_problem(self, run_id: int, n_shards: int | None) -> str | None:
+        """Why the run's rows on disk are not the whole run (None when they are): one of its ``n_shards`` shards
+        (or, when unknown, of the shards on disk) lacks its completion marker, holds other row counts than the
+        marker wrote down, or a shard that is not the run's has rows."""
+        on_disk = self._shards_on_disk(run_id)
+        expected = range(n_shards) if n_shards is not None else on_disk
+        fix = "re-record it, or copy the run's folders again whole"
+        missing = [s for s in expected if not self.shard_done(run_id, s)]
+        if missing:
+            return (f"run {run_id}: shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                    f"{len(expected)} {'have' if len(missing) > 1 else 'has'} no completion marker (deleted or copied "
+                    f"partially after the run finished); its rows are incomplete: {fix}")
+        stray = sorted(set(on_disk) - set(expected))
+        if stray:
+            return f"run {run_id}: shard {stray[0]} is not one of its {len(expected)} shards; its rows would be counted twice: {fix}"
+        for shard in expected:
+            try:
+                promised = json.loads(self._marker(run_id, shard).read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"run {run_id}: the completion marker of shard {shard} cannot be read: {fix}"
+            for table in (t for t in RUN_TABLES if t not in PER_RUN):
+                have = _row_count(self._files(table, run_id, shard))
+                if have != promised.get(table, 0):
+                    return (f"run {run_id}: shard {shard} has {have:,} {table} rows where it finished with "
+                            f"{promised.get(table, 0):,} (files deleted or copied partially); {fix}")
+        return None
 
     def only_shard(self, shard: int) -> DatasetStore:
         """A read-only view of this dataset in which the sharded tables (sequences, tokens, routing, ...) hold
@@ -266,11 +308,18 @@ class DatasetStore(TraceStore):
 
     def finish_run(self, run_id: int, status: str = "complete", error: str | None = None) -> None:
         """Mark a run ``complete`` or ``failed``. ``complete`` needs every shard that has rows to be finished
-        (this object's own shards are finished here) and no sequence split over two shards."""
+        (this object's own shards are finished here), each of the run's ``n_shards`` (when set) to be finished,
+        and no sequence split over two shards."""
         self._writable()
         _check_status(status)
         self._require_run(run_id)
         if status == "complete":
+            n_shards = self.run(run_id)["n_shards"]
+            missing = [] if pd.isna(n_shards) else [s for s in range(int(n_shards)) if not self.shard_done(run_id, s)
+                                                     and (int(run_id), s) not in self._open_shards]
+            if missing:
+                raise StoreError(f"run {run_id}: shard {missing[0]} of its {int(n_shards)} shards has not finished (no "
+                                 "completion marker); the run stays 'recording'. Finish that shard, or mark the run failed.")
             for shard in self.shard_ids(run_id):
                 if not self.shard_done(run_id, shard):
                     if (int(run_id), shard) not in self._open_shards:
@@ -417,6 +466,24 @@ class DatasetStore(TraceStore):
     def summary_names(self, run_id: int) -> set[str]:
         found = glob.glob(str(self.path / f"{SUMMARY_PREFIX}*" / f"run_id={int(run_id)}" / "part-0.parquet"))
         return {Path(f).parent.parent.name[len(SUMMARY_PREFIX):] for f in found}
+
+
+#: Row counts of Parquet files already read, by ``(path, size, mtime)``: checking a run's shards against their
+#: markers then costs a stat per file, not a footer read, on every connection.
+_row_counts: dict[tuple[str, int, int], int] = {}
+
+
+def _row_count(files: list[str]) -> int:
+    total = 0
+    for f in files:
+        st = os.stat(f)
+        key = (f, st.st_size, st.st_mtime_ns)
+        if key not in _row_counts:
+            if len(_row_counts) > 65_536:
+                _row_counts.clear()
+            _row_counts[key] = pq.read_metadata(f).num_rows
+        total += _row_counts[key]
+    return total
 
 
 def _select(table: str, files: list[str]) -> str:
