@@ -115,16 +115,14 @@ def record(
 
     run_metadata = recording_metadata(metadata, gen_kwargs, gen_batch, seq_len=seq_len, batch_size=batch_size, logits=logits,
                                       chat=chat, add_special_tokens=add_special_tokens, contributions=contributions)
-    run_id = into.run_id if into is not None else store.create_run(
-        model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
-        name=name,
-        **run_fields(model, info),
-        parent_run_id=parent_run_id,
-        intervention=intervention,
-        metadata=run_metadata,
-    )
-    if into is None:
-        store.append(run_id, {"layers": layer_rows(info)})
+    if into is not None:
+        run_id = into.run_id
+    else:
+        with store.batch():  # one connection for the run's creation (see `TraceStore.batch`)
+            run_id = store.create_run(model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                                      name=name, **run_fields(model, info), parent_run_id=parent_run_id,
+                                      intervention=intervention, metadata=run_metadata)
+            store.append(run_id, {"layers": layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens, **({} if into is None else
                        {"shard": into.shard, "seq_offset": into.first_seq_id}))
     bar = _progress(progress, max_tokens)
@@ -145,11 +143,13 @@ def record(
                     background.submit(_generation(model, tokenizer, info, capture, batch, seq_start, pad, gen_kwargs, eos))
                     seq_start += len(batch)
                     bar.update(sum(len(c.ids) for c in batch))
-        writer.flush()
-        if into is not None:
-            store.finish_shard(run_id, into.shard)
-            return run_id
-        store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
+        with store.batch():  # the last rows, the totals and the final status through one connection
+            writer.flush()
+            if into is not None:
+                store.finish_shard(run_id, into.shard)
+                return run_id
+            store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
+            store.finish_run(run_id, "complete")
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         if into is None:  # a worker's failure is reported (and the run failed) by its driver
@@ -157,7 +157,6 @@ def record(
         raise
     finally:
         bar.close()
-    store.finish_run(run_id, "complete")
     return run_id
 
 

@@ -210,6 +210,11 @@ class DatasetStore(TraceStore):
                             f"{promised.get(table, 0):,} (files deleted or copied partially); {fix}")
         return None
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Nothing to share: a dataset's writes are files, not connections."""
+        yield
+
     def only_shard(self, shard: int) -> DatasetStore:
         """A read-only view of this dataset in which the sharded tables (sequences, tokens, routing, ...) hold
         one shard's rows only: what a distributed worker reads, with the same queries as the whole store."""
