@@ -50,16 +50,27 @@ def test_disk_and_cpu_offloaded_layers_record_the_same_routing(saved, tmp_path):
     _same(_calls(offloaded, ids), _calls(reference, ids))
 
 
-def test_async_pop_equals_pop_on_cpu():
-    model, _ = tiny_model("mixtral")
+@pytest.mark.parametrize("model_type, kept", [("mixtral", {"logits": True}), ("qwen2_moe", {"contributions": True})])
+def test_async_pop_equals_pop_on_cpu(model_type, kept):
+    """`pop_async` (contribution calls in the routing's transfer) changes not a bit of what a blocking pop gives."""
+    model, _ = tiny_model(model_type)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     info = find_routers(model)
-    with torch.inference_mode(), RoutingCapture(model, info, logits=True) as capture:
+    with torch.inference_mode(), RoutingCapture(model, info, **kept) as capture:
         model(ids)
         pending = capture.pop_async()
         model(ids)
-        blocking = capture.pop()
-    _same(pending.wait(), blocking)
+        blocking = capture.contributions.pop() if capture.contributions is not None else None
+        routed = capture.pop()
+    _same(pending.wait(), routed)
+    got = pending.wait_contributions()
+    if blocking is None:
+        assert got is None
+        return
+    assert [c.layer for c in got] == [c.layer for c in blocking] == [s.layer for s in info.sites]
+    for x, y in zip(got, blocking):
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ContributionCall.TENSORS)
+        assert x.norms.device.type == "cpu"
 
 
 def test_tensors_on_several_devices_are_grouped_not_concatenated():
@@ -95,24 +106,6 @@ def test_one_transfer_per_device_and_dtype_for_routing_and_contributions_togethe
     }
 
 
-def test_async_contributions_equal_blocking_ones_bitwise():
-    """`pop_async` carries the contribution calls in the routing's transfer; on the CPU nothing changes a bit."""
-    model, _ = tiny_model("qwen2_moe")
-    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
-    info = find_routers(model)
-    with torch.inference_mode(), RoutingCapture(model, info, contributions=True) as capture:
-        model(ids)
-        pending = capture.pop_async()
-        model(ids)
-        blocking, routed = capture.contributions.pop(), capture.pop()
-    _same(pending.wait(), routed)
-    got = pending.wait_contributions()
-    assert [c.layer for c in got] == [c.layer for c in blocking] == [s.layer for s in info.sites]
-    for x, y in zip(got, blocking):
-        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ContributionCall.TENSORS)
-        assert x.norms.device.type == "cpu"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_model_split_over_cuda_devices_and_cpu(saved):
     from transformers import AutoModelForCausalLM
@@ -128,6 +121,26 @@ def test_model_split_over_cuda_devices_and_cpu(saved):
         split(ids.to("cuda:0"))
         got = capture.pop_async().wait()
     _same(got, _calls(reference, ids))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_contributions_on_cuda_arrive_asynchronously_and_match_the_cpu():
+    model, _ = tiny_model("qwen2_moe")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    info = find_routers(model)
+    with torch.inference_mode(), RoutingCapture(model, info, contributions=True) as capture:
+        model(ids)
+        want = capture.contributions.pop()
+    gpu = model.to("cuda")
+    info = find_routers(gpu)
+    with torch.inference_mode(), RoutingCapture(gpu, info, contributions=True) as capture:
+        gpu(ids.to("cuda"))
+        pending = capture.pop_async()
+        got = pending.wait_contributions()
+    for x, y in zip(got, want, strict=True):
+        assert x.norms.device.type == "cpu" and x.norms.is_pinned()
+        torch.testing.assert_close(x.norms, y.norms, rtol=1e-4, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(x.cos, y.cos, rtol=1e-4, atol=1e-5)
 
 
 def test_capture_under_torch_compile_without_cuda_graphs():
