@@ -43,7 +43,8 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
     of the dataset at ``store_dir``; return the run id. ``address`` joins a running cluster (``ray start --head``);
     without it a running ``ray.init`` is used, else a local instance is started (and shut down after). Each actor
     takes one GPU when the cluster has GPUs, else one CPU, and runs torch with one thread. ``load_kwargs`` go to
-    the model loader (device, dtype, revision, ...); other keyword arguments to `moelens.record`.
+    the model loader (device, dtype, revision, ...); other keyword arguments to `moelens.record` (``generate`` and
+    ``batch_size`` included: each worker generates its shard's prompts in batches, as one process would).
     ``on_dispatch(actors)`` is called once every shard is sent (lets a test kill a worker mid-run)."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, not {workers}")

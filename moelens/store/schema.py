@@ -20,8 +20,9 @@ import pyarrow as pa
 SCHEMA_VERSION = 3
 
 #: Run states. A run is ``complete`` only after its last chunk is written; a crash leaves ``recording``
-#: (shown as interrupted) and Ctrl-C or an exception leaves ``failed``.
-RUN_STATUSES = ("recording", "complete", "failed")
+#: (shown as interrupted) and Ctrl-C or an exception leaves ``failed``. A Parquet dataset also reads
+#: ``incomplete`` (never stored) for a run stored complete whose shards are no longer whole on disk.
+RUN_STATUSES = ("recording", "complete", "failed", "incomplete")
 
 # Output norm ||f_j(x)||_2 of the expert in each routed slot (optional, for pruning scores).
 EXPERT_CONTRIBUTIONS = """CREATE TABLE IF NOT EXISTS expert_contributions (
