@@ -249,6 +249,7 @@ def test_a_shard_deleted_after_the_run_finished_reads_incomplete(two_shard_datas
     assert info["error"].startswith(f"run {run}: shard 1 of 2 has no completion marker")
     assert ds.runs(status="complete").empty and ds.runs()["status"].tolist() == ["incomplete"]
     assert ds.run_version(run)[-1] == "incomplete"  # nothing derived from the complete run is reused
+    assert ds.only_shard(0).run(run)["status"] == "incomplete"  # a worker reading shard 0 sees it too
 
 
 def test_a_partial_copy_reads_incomplete(two_shard_dataset, tmp_path) -> None:
