@@ -36,6 +36,21 @@ def _rows(store: TraceStore, table: str, run: int, keys: str):
     return store.query(f"SELECT * EXCLUDE (run_id) FROM {table} WHERE run_id = ? ORDER BY {keys}", [run])
 
 
+PROMPTS = [f"prompt {i}: " + "the quick brown fox " * (1 + i % 3) for i in range(7)]
+
+
+def _same_run(store: TraceStore, run: int, single: TraceStore, single_run: int) -> None:
+    """Row for row: tokens, sequences and layers exactly, routing exactly but for float rounding of the weights."""
+    for table, keys in (("routing", "seq_id, pos, layer, rank"), ("tokens", "seq_id, pos"), ("sequences", "seq_id"),
+                        ("layers", "layer")):
+        got, want = _rows(store, table, run, keys), _rows(single, table, single_run, keys)
+        assert len(got) == len(want) > 0, table
+        exact = [c for c in want.columns if c != "weight"]
+        assert got[exact].equals(want[exact]), table
+        if "weight" in want:
+            assert (got["weight"] - want["weight"]).abs().max() < 1e-5
+
+
 def test_split_contiguous_balances_tokens_and_keeps_every_sequence():
     assert split_contiguous([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
     assert split_contiguous([10, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]
@@ -49,21 +64,68 @@ def test_two_workers_equal_one_process_row_for_row(cluster, tmp_path):
     run = record_distributed(MODEL, TEXTS, tmp_path / "ds", workers=2, labels=LABELS, seq_len=16, batch_size=3, progress=False)
     store = TraceStore(tmp_path / "ds")
     info = store.run(run)
-    assert info["status"] == "complete" and store.shard_ids(run) == [0, 1]
+    assert info["status"] == "complete" and store.shard_ids(run) == [0, 1] and info["n_shards"] == 2
     assert all(store.shard_done(run, s) for s in (0, 1))
-    for table, keys in (("routing", "seq_id, pos, layer, rank"), ("tokens", "seq_id, pos"), ("sequences", "seq_id"),
-                        ("layers", "layer")):
-        got, want = _rows(store, table, run, keys), _rows(single, table, single_run, keys)
-        assert len(got) == len(want) > 0, table
-        exact = [c for c in want.columns if c != "weight"]
-        assert got[exact].equals(want[exact]), table
-        if "weight" in want:
-            assert (got["weight"] - want["weight"]).abs().max() < 1e-5
+    _same_run(store, run, single, single_run)
     seqs = _rows(store, "sequences", run, "seq_id")
     assert list(seqs.seq_id) == list(range(len(seqs)))  # global, unique, in input order
     want_info = single.run(single_run)
     assert [info[f] for f in ("model_type", "n_experts", "top_k", "revision")] == [want_info[f] for f in ("model_type", "n_experts", "top_k", "revision")]
     assert list(info["moe_layers"]) == list(want_info["moe_layers"])
+
+
+def test_two_workers_generate_like_one_process(cluster, tmp_path):
+    """Batched generation on each worker: prompt tokens once, generated tokens once, no padding rows, global ids."""
+    from moelens.cli.common import resolve_model
+    from moelens.recording.record import record
+
+    model, tok, _ = resolve_model(MODEL)
+    single = TraceStore(tmp_path / "single.duckdb")
+    single_run = record(model, tok, PROMPTS, store=single, generate=5, batch_size=3, progress=False)
+    run = record_distributed(MODEL, PROMPTS, tmp_path / "ds", workers=2, generate=5, batch_size=3, progress=False)
+    store = TraceStore(tmp_path / "ds")
+    info = store.run(run)
+    assert info["status"] == "complete" and store.shard_ids(run) == [0, 1]
+    _same_run(store, run, single, single_run)
+    tokens, seqs = _rows(store, "tokens", run, "seq_id, pos"), _rows(store, "sequences", run, "seq_id")
+    assert list(seqs.seq_id) == list(range(len(PROMPTS)))
+    assert not tokens.duplicated(["seq_id", "pos"]).any()
+    per_seq = tokens.groupby("seq_id").agg(n=("pos", "size"), last=("pos", "max"),
+                                           generated=("phase", lambda p: int((p == "generated").sum())))
+    assert (per_seq.n == seqs.set_index("seq_id").n_tokens).all() and (per_seq.last == per_seq.n - 1).all()
+    assert (per_seq.n - per_seq.generated == seqs.set_index("seq_id").prompt_len).all()
+    assert (per_seq.generated > 0).all() and (per_seq.generated <= 5).all()
+    routed = store.query("SELECT count(DISTINCT (seq_id, pos)) AS n FROM routing WHERE run_id = ?", [run]).n[0]
+    assert routed == len(tokens)  # every stored token routed once, no padding row
+    assert info["metadata"]["generate"] == {"max_new_tokens": 5, "do_sample": False}
+    assert info["metadata"]["generate_batch_size"] == single.run(single_run)["metadata"]["generate_batch_size"] == 3
+
+
+def test_generation_on_an_encoder_decoder_is_refused_before_a_run_exists(cluster, tmp_path):
+    with pytest.raises(InputError, match="decoder-only"):
+        record_distributed("tiny:switch_transformers", PROMPTS, tmp_path / "ds", workers=1, generate=3, progress=False)
+    assert TraceStore(tmp_path / "ds").runs().empty
+
+
+def test_cli_generates_with_two_workers(tmp_path):
+    """The documented command: prompts from a file, two local workers, batched generation; equal to one process."""
+    from moelens.cli.common import resolve_model
+    from moelens.recording.record import record
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"text": "{p}", "label": "l{i % 2}"}}\n' for i, p in enumerate(PROMPTS)))
+    proc = _run_cli(["record", MODEL, str(data), "--db", str(tmp_path / "ds"), "--workers", "2", "--generate", "4",
+                     "--batch-size", "3"])
+    assert proc.returncode == 0, proc.stderr
+    model, tok, _ = resolve_model(MODEL)
+    single = TraceStore(tmp_path / "single.duckdb")
+    from moelens.recording.inputs import read_paths
+
+    single_run = record(model, tok, read_paths([data]), store=single, generate=4, batch_size=3, progress=False)
+    store = TraceStore(tmp_path / "ds")
+    [run] = store.runs().run_id.tolist()
+    assert store.run(run)["status"] == "complete" and store.shard_ids(run) == [0, 1]
+    _same_run(store, run, single, single_run)
 
 
 def test_a_killed_worker_fails_the_run_and_leaves_its_shard_unfinished(cluster, tmp_path):

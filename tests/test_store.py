@@ -168,3 +168,26 @@ def test_arrow_query(store: TraceStore) -> None:
     store.append(run, {"routing": _routing(2)})
     table = store.arrow("SELECT expert FROM routing WHERE run_id = ? ORDER BY pos, rank", [run])
     assert table.column("expert").to_pylist() == [0, 1, 2, 3]
+
+
+def test_batch_shares_one_connection_and_other_threads_keep_their_own(store: TraceStore, monkeypatch) -> None:
+    """A recording's start and end go through one connection; a writer thread inside a batch uses its own, and
+    everything is committed when the block ends."""
+    import threading
+
+    opened = []
+    real = duckdb.connect
+    monkeypatch.setattr(duckdb, "connect", lambda *a, **k: opened.append(threading.get_ident()) or real(*a, **k))
+    with store.batch():
+        run = store.create_run("m", n_experts=4, top_k=1)
+        store.append(run, {"layers": {"layer": [0], "block": [0], "n_experts": [4], "top_k": [1]}})
+        with store.batch():  # nested: the same connection
+            store.update_run(run, metadata={"n": 1})
+        worker = threading.Thread(target=lambda: store.append(run, {"tokens": {"seq_id": [0], "pos": [0], "token_id": [3]}}))
+        worker.start()
+        worker.join()
+        store.finish_run(run)
+        assert store.run(run)["status"] == "complete"
+    assert opened == [threading.get_ident(), worker.ident]
+    fresh = TraceStore(store.path, read_only=True)
+    assert fresh.run(run)["metadata"] == {"n": 1} and len(fresh.layers(run)) == 1 and len(fresh.tokens(run)) == 1

@@ -79,7 +79,7 @@ def test_dataset_answers_like_the_file(tmp_path) -> None:
     assert isinstance(ds, DatasetStore) and isinstance(ds, TraceStore)
     assert ds.shard_ids(run) == [0, 1, 2] and file.shard_ids(run) == [0]
     pd.testing.assert_frame_equal(ds.runs(), file.runs())
-    assert ds.run(run) == file.run(run)
+    assert ds.run(run) == {**file.run(run), "n_shards": 3}  # the dataset knows how many shards make the run whole
     pd.testing.assert_frame_equal(ds.layers(run), file.layers(run))
     pd.testing.assert_frame_equal(ds.sequences(run), file.sequences(run))
     pd.testing.assert_frame_equal(ds.tokens(run), file.tokens(run))
@@ -209,6 +209,83 @@ def test_dataset_written_directly_by_shard_writers(tmp_path) -> None:
     assert driver.routing(run)["pos"].tolist() == [0, 1, 0, 1]
     marker = json.loads((tmp_path / "ds" / "runs" / f"run_id={run}" / "shard=1.done").read_text())
     assert marker["rows"] == {"tokens": 2, "routing": 2}
+
+
+def test_a_run_with_an_expected_shard_count_completes_only_with_all_of_them(tmp_path) -> None:
+    ds = TraceStore(tmp_path / "ds", layout="parquet")
+    run = ds.create_run("m", n_shards=3)
+    for shard in (0, 1):  # shard 2's worker never wrote a row: without the count nothing would be missing
+        ds.append(run, {"tokens": {"seq_id": [shard], "pos": [0], "token_id": [1]}}, shard=shard)
+        ds.finish_shard(run, shard)
+    with pytest.raises(StoreError, match="shard 2 of its 3 shards has not finished"):
+        ds.finish_run(run)
+    assert ds.run(run)["status"] == "recording"
+    ds.append(run, {"tokens": {"seq_id": [2], "pos": [0], "token_id": [1]}}, shard=2)
+    ds.finish_run(run)  # this writer's own open shard is finished on the way
+    assert ds.run(run)["status"] == "complete" and ds.run(run)["n_shards"] == 3
+
+
+@pytest.fixture
+def two_shard_dataset(tmp_path):
+    """A complete run exported as 2 shards (the export records the count), and its dataset folder."""
+    file = TraceStore(tmp_path / "t.duckdb")
+    run = _fill(file)
+    file.export_parquet(run, tmp_path / "ds", shards=2)
+    ds = TraceStore(tmp_path / "ds", read_only=True)
+    assert ds.run(run)["status"] == "complete" and ds.run(run)["n_shards"] == 2
+    return tmp_path / "ds", run
+
+
+def test_a_shard_deleted_after_the_run_finished_reads_incomplete(two_shard_dataset) -> None:
+    import shutil
+
+    folder, run = two_shard_dataset
+    for table in RUN_TABLES:
+        shutil.rmtree(folder / table / f"run_id={run}" / "shard=1", ignore_errors=True)
+    (folder / "runs" / f"run_id={run}" / "shard=1.done").unlink()
+    ds = TraceStore(folder, read_only=True)
+    info = ds.run(run)
+    assert info["status"] == "incomplete"
+    assert info["error"].startswith(f"run {run}: shard 1 of 2 has no completion marker")
+    assert ds.runs(status="complete").empty and ds.runs()["status"].tolist() == ["incomplete"]
+    assert ds.run_version(run)[-1] == "incomplete"  # nothing derived from the complete run is reused
+    assert ds.only_shard(0).run(run)["status"] == "incomplete"  # a worker reading shard 0 sees it too
+
+
+def test_a_partial_copy_reads_incomplete(two_shard_dataset, tmp_path) -> None:
+    """A copy that lost one part file (the markers came along) says which shard and table are short."""
+    import shutil
+
+    folder, run = two_shard_dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (part,) = (copy / "routing" / f"run_id={run}" / "shard=0").glob("part-*.parquet")
+    part.unlink()
+    info = TraceStore(copy, read_only=True).run(run)
+    assert info["status"] == "incomplete" and f"run {run}: shard 0 has 0 routing rows where it finished with" in info["error"]
+    stray = copy / "tokens" / f"run_id={run}" / "shard=5"  # rows of a shard that is not the run's
+    shutil.copytree(folder / "tokens" / f"run_id={run}" / "shard=0", stray)
+    (copy / "runs" / f"run_id={run}" / "shard=5.done").write_text((folder / "runs" / f"run_id={run}" / "shard=0.done").read_text())
+    part.parent.rmdir()
+    shutil.copytree(folder / "routing" / f"run_id={run}" / "shard=0", part.parent)
+    assert "shard 5 is not one of its 2 shards" in TraceStore(copy, read_only=True).run(run)["error"]
+    assert TraceStore(folder, read_only=True).run(run)["status"] == "complete"  # the original is whole
+
+
+def test_cli_says_an_incomplete_run_is_incomplete_in_one_line(two_shard_dataset) -> None:
+    from typer.testing import CliRunner
+
+    from moelens.cli import app
+
+    folder, run = two_shard_dataset
+    (folder / "runs" / f"run_id={run}" / "shard=0.done").unlink()
+    runner = CliRunner()
+    listed = runner.invoke(app, ["runs", "--db", str(folder)])
+    assert listed.exit_code == 0 and "incomplete" in listed.output
+    shown = runner.invoke(app, ["show", str(run), "--db", str(folder)], env={"COLUMNS": "300"})
+    assert f"run {run} is incomplete" in shown.output and "shard 0 of 2 has no completion marker" in shown.output
+    analysed = runner.invoke(app, ["analyze", "expert_load", "--db", str(folder)])
+    assert analysed.exit_code == 1 and "no complete run" in str(analysed.exception)
 
 
 def test_dataset_refuses_a_sequence_split_over_shards(tmp_path) -> None:
@@ -388,7 +465,7 @@ def test_a_failing_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch) ->
     con.execute(V1_SQL)
     con.close()
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, (2, "CREATE TABLE broken (x NOT_A_TYPE)")))
-    with pytest.raises(StoreError, match="migrating schema 1 -> 2 failed.*left as it was"):
+    with pytest.raises(StoreError, match=f"migrating schema 1 -> {SCHEMA_VERSION} failed.*left as it was"):
         TraceStore(old)
     monkeypatch.undo()
     assert TraceStore(old, read_only=True).query("SELECT value FROM meta WHERE key = 'schema_version'")["value"][0] == "1"

@@ -4,19 +4,21 @@ The hooks decode the router's own output with a few tensor ops and keep detached
 copies; they never recompute top-k from logits (DeepSeek-V3 biases, Switch capacity drops and ties make that
 wrong) and never change a tensor the model uses, so outputs are bitwise identical with and without capture.
 Copies stay on the model's device until ``pop`` so that a GPU forward is not synchronised once per layer;
-``pop_async`` moves them with one copy per device and field, on a side stream into pinned memory on CUDA.
+``pop_async`` moves them with one copy per device and dtype, on a side stream into pinned memory on CUDA
+(`moelens.adapters.capture_transfer`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from moelens.adapters.contributions import ContributionCapture, contribution_columns
+from moelens.adapters.capture_transfer import Pending, to_host
+from moelens.adapters.contributions import ContributionCall, ContributionCapture, contribution_columns
 from moelens.adapters.discovery import MoEInfo, RouterSite, find_routers
 from moelens.adapters.families import DBRX, JETMOE, LLAMA4, STANDARD, SWITCH
 
@@ -33,72 +35,28 @@ class RouterCall:
     logits: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None
 
-
-_FIELDS = ("experts", "weights", "logits", "shared_gate")
+    TENSORS: ClassVar[tuple[str, ...]] = ("experts", "weights", "logits", "shared_gate")
 
 
 class PendingCalls:
-    """Router calls whose tensors are on their way to the host: `wait` returns them, on the CPU.
+    """Router calls (and, when captured, contribution calls) of the last forward(s) on their way to the host, all
+    in one `moelens.adapters.capture_transfer.to_host` transfer per device and dtype. On CUDA the copies run on a
+    side stream, ordered after the forward that produced them, so the caller can start the next forward at once
+    and build columns from these later (for example on a writer thread)."""
 
-    On CUDA the copies run on a side stream into pinned host memory, ordered after the forward that produced
-    them, so the caller can start the next forward at once and build columns from these later (for example on
-    a writer thread). Elsewhere the copies are done by the time this object exists.
-    """
-
-    def __init__(self, calls: list[RouterCall], events: list[Any]) -> None:
+    def __init__(self, calls: list[RouterCall], contributions: list[ContributionCall] | None, pending: Pending) -> None:
         self._calls = calls
-        self._events = events
+        self._contributions = contributions
+        self._pending = pending
 
     def wait(self) -> list[RouterCall]:
-        for event in self._events:
-            event.synchronize()
-        self._events = []
+        self._pending.wait()
         return self._calls
 
-
-def _calls_to_host(calls: list[RouterCall], *, non_blocking: bool = False) -> PendingCalls:
-    """Move every tensor to the CPU with one transfer per field and device (not one blocking copy per tensor
-    and call). Routers of a model split over devices (``device_map="auto"``, offloaded layers) live on
-    different devices: their tensors are grouped by device, never concatenated across devices."""
-    events = []
-    for name in _FIELDS:
-        groups: dict[torch.device, list[RouterCall]] = {}
-        for call in calls:
-            tensor = getattr(call, name)
-            if tensor is not None and tensor.device.type != "cpu":
-                groups.setdefault(tensor.device, []).append(call)
-        for device, owners in groups.items():
-            tensors = [getattr(call, name) for call in owners]
-            if non_blocking and device.type == "cuda":
-                host, event = _copy_async(tensors, device)
-                events.append(event)
-            else:
-                host = torch.cat([t.reshape(-1) for t in tensors]).cpu()
-            for call, tensor, piece in zip(owners, tensors, host.split([t.numel() for t in tensors])):
-                setattr(call, name, piece.view(tensor.shape))
-    return PendingCalls(calls, events)
-
-
-def _copy_async(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, Any]:
-    """Concatenate on a side stream (after the work queued so far) and copy into pinned host memory."""
-    stream = _side_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-    for tensor in (*tensors, flat):  # keep the caching allocator from reusing them before the copy ran
-        tensor.record_stream(stream)
-    return host, stream.record_event()
-
-
-_SIDE_STREAMS: dict[torch.device, Any] = {}
-
-
-def _side_stream(device: torch.device) -> Any:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    def wait_contributions(self) -> list[ContributionCall] | None:
+        """The contribution calls, on the CPU (None when the capture keeps none)."""
+        self._pending.wait()
+        return self._contributions
 
 
 def _standard(out: tuple[torch.Tensor, ...], site: RouterSite) -> Decoded:
@@ -222,13 +180,17 @@ class RoutingCapture:
         return contribution_columns(self.contributions.pop(), rows.seq_id, rows.pos, rows.keep)
 
     def pop(self) -> list[RouterCall]:
-        """The calls recorded since the last pop, in call order, on the CPU."""
-        return self.pop_async(non_blocking=False).wait()
+        """The router calls recorded since the last pop, in call order, on the CPU (contributions stay for
+        ``contributions.pop``)."""
+        calls, self._calls = self._calls, []
+        return to_host(calls, non_blocking=False).wait()
 
     def pop_async(self, *, non_blocking: bool = True) -> PendingCalls:
-        """The calls recorded since the last pop, with their host copies started (asynchronous on CUDA)."""
+        """The router calls and contribution calls recorded since the last pop, with one host transfer per
+        device and dtype for all of them started (asynchronous on CUDA)."""
         calls, self._calls = self._calls, []
-        return _calls_to_host(calls, non_blocking=non_blocking)
+        contributions = self.contributions.take() if self.contributions is not None else None
+        return PendingCalls(calls, contributions, to_host([*calls, *(contributions or [])], non_blocking=non_blocking))
 
     def _remove(self) -> None:
         for handle in self._handles:

@@ -15,7 +15,7 @@ routing capture's) fires twice, and nothing the model uses is touched: outputs s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from moelens.adapters.capture_transfer import to_host
 from moelens.adapters.discovery import MoEInfo, RouterSite
 from moelens.adapters.families import DBRX, LLAMA4, STANDARD, SWITCH
 from moelens.errors import InputError
@@ -40,6 +41,8 @@ class ContributionCall:
     weights: torch.Tensor  # [T, k] as the experts received them (only used to order slots like the routing table)
     norms: torch.Tensor  # [T, k] ‖f_j(x)‖₂ of each slot's expert, NaN where the slot has no expert (capacity drop)
     cos: torch.Tensor  # [T] cos(x, x + r)
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("weights", "norms", "cos")  # what `capture_transfer.to_host` moves
 
 
 def check_supported(info: MoEInfo) -> None:
@@ -95,9 +98,13 @@ class ContributionCapture:
         self._remove()
 
     def pop(self) -> list[ContributionCall]:
+        """The calls recorded since the last pop, on the CPU (one blocking transfer per device and dtype)."""
+        return to_host(self.take(), non_blocking=False).wait()
+
+    def take(self) -> list[ContributionCall]:
+        """The calls recorded since the last pop, where they were computed (`RoutingCapture.pop_async` moves
+        them together with the routing, without blocking)."""
         calls, self._calls = self._calls, []
-        for call in calls:
-            call.weights, call.norms, call.cos = call.weights.cpu(), call.norms.cpu(), call.cos.cpu()
         return calls
 
     def _remove(self) -> None:

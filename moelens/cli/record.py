@@ -95,9 +95,12 @@ def _report(store, run_id: int, db: Path) -> None:
     """Build the completed run's derived summaries (what the app and the count scores read), then say what landed."""
     from moelens.analysis.summaries import summarize  # recording never imports analysis; the command does
 
-    summarize(store, run_id)
-    info = store.runs().set_index("run_id").loc[run_id]
+    tables = summarize(store, run_id, persist=False)  # one streamed pass, the file not held meanwhile
+    with store.batch():  # the summaries and the report's reads through one connection (not two per summary)
+        for name, table in tables.items():
+            store.write_summary(run_id, name, table)
+        info = store.runs().set_index("run_id").loc[run_id]
+        empty = (store.run(run_id).get("metadata") or {}).get("empty_documents", 0)
     console.print(f"[green]run {run_id}[/] complete: {int(info.n_sequences)} sequences, {int(info.n_tokens)} tokens -> {db}")
-    empty = (store.run(run_id).get("metadata") or {}).get("empty_documents", 0)
     if empty:
         console.print(f"skipped {empty} empty document{'s' if empty != 1 else ''}")

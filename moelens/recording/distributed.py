@@ -43,11 +43,12 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
     of the dataset at ``store_dir``; return the run id. ``address`` joins a running cluster (``ray start --head``);
     without it a running ``ray.init`` is used, else a local instance is started (and shut down after). Each actor
     takes one GPU when the cluster has GPUs, else one CPU, and runs torch with one thread. ``load_kwargs`` go to
-    the model loader (device, dtype, revision, ...); other keyword arguments to `moelens.record`.
+    the model loader (device, dtype, revision, ...); other keyword arguments to `moelens.record` (``generate`` and
+    ``batch_size`` included: each worker generates its shard's prompts in batches, as one process would).
     ``on_dispatch(actors)`` is called once every shard is sent (lets a test kill a worker mid-run)."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, not {workers}")
-    from moelens.recording.record import _generate_kwargs, _in_vocabulary, _limited, readable, record
+    from moelens.recording.record import _generate_kwargs, _in_vocabulary, _limited, record, recording_metadata
 
     opts = {**{k: p.default for k, p in inspect.signature(record).parameters.items() if p.default is not p.empty},
             **record_kwargs}  # record()'s own defaults, so the driver cuts exactly as a single process would
@@ -62,7 +63,8 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
         recorder = ray.remote(num_cpus=1, num_gpus=gpus)(_Recorder)
         actors = [recorder.remote(model_spec, load_kwargs or {}) for _ in range(workers)]
         try:
-            tokenizer, fields, layers, n_rows = ray.get(actors[0].describe.remote())
+            tokenizer, fields, layers, n_rows, gen_batch = ray.get(actors[0].describe.remote(gen_kwargs, opts["batch_size"],
+                                                                                         opts["contributions"]))
         except Exception as exc:  # the model spec cannot be loaded: say why, as a single process would
             cause = getattr(exc, "cause", None)
             raise cause if isinstance(cause, MoelensError) else MoelensError(f"a worker could not load {model_spec}: "
@@ -81,11 +83,12 @@ def record_distributed(model_spec: str, inputs: Any, store_dir: str | Path, *, w
             raise InputError("nothing to record: the inputs contain no text or tokens")
         shards = split_contiguous([len(c.ids) for c in chunks], workers)
 
-        run_metadata = {**(metadata or {}), **{k: opts[k] for k in ("seq_len", "batch_size", "logits", "chat", "add_special_tokens",
-                                                                     "contributions")},
-                        "generate": None if gen_kwargs is None else readable(gen_kwargs),
-                        "empty_documents": counts["empty_documents"], "workers": len(shards), "engine": "ray"}
-        run_id = store.create_run(record_kwargs.pop("model_name", None) or model_spec, name=name, **fields, metadata=run_metadata)
+        run_metadata = recording_metadata(metadata, gen_kwargs, gen_batch,
+                                          **{k: opts[k] for k in ("seq_len", "batch_size", "logits", "chat",
+                                                                  "add_special_tokens", "contributions")},
+                                          empty_documents=counts["empty_documents"], workers=len(shards), engine="ray")
+        run_id = store.create_run(record_kwargs.pop("model_name", None) or model_spec, name=name, **fields, metadata=run_metadata,
+                                  n_shards=len(shards))
         store.append(run_id, {"layers": layers})
         pending = {actors[s].record.remote(str(store.path), ShardTarget(run_id, s, start), chunks[start:stop], record_kwargs): s
                    for s, (start, stop) in enumerate(shards)}
@@ -205,17 +208,23 @@ class _Recorder:
             self.load_error = exc
         torch.set_num_threads(1)
 
-    def describe(self) -> tuple:
-        """What the driver needs to cut the inputs and create the run: tokenizer, run fields, layer rows, vocab rows."""
+    def describe(self, gen_kwargs: dict | None, batch_size: int, contributions: bool) -> tuple:
+        """What the driver needs to cut the inputs and create the run: tokenizer, run fields, layer rows, vocab
+        rows, and the generation batch size (None without generation). Refuses, before the run exists, what this
+        model cannot record (generation on an encoder-decoder, contributions of unsupported experts)."""
         from moelens.adapters import find_routers, unwrap
+        from moelens.adapters.contributions import check_supported
 
         if self.load_error is not None:
             raise self.load_error
-        from moelens.recording.record import _check_vocabulary, layer_rows, run_fields
+        from moelens.recording.record import _check_vocabulary, generation_batch_size, layer_rows, run_fields
 
         model = unwrap(self.model)
         info = find_routers(model)
-        return self.tokenizer, run_fields(model, info), layer_rows(info), _check_vocabulary(self.tokenizer, model)
+        if contributions:
+            check_supported(info)
+        return (self.tokenizer, run_fields(model, info), layer_rows(info), _check_vocabulary(self.tokenizer, model),
+                generation_batch_size(model, info, gen_kwargs, batch_size))
 
     def record(self, store_dir: str, target: ShardTarget, chunks: list[Chunk], record_kwargs: dict) -> int:
         from moelens.recording.record import record

@@ -97,8 +97,7 @@ def record(
     if contributions:
         check_supported(info)  # refuse before a run exists
     gen_kwargs = _generate_kwargs(generate)
-    if gen_kwargs is not None and info.is_encoder_decoder:
-        raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
+    gen_batch = generation_batch_size(model, info, gen_kwargs, batch_size)
     store = store if isinstance(store, TraceStore) else TraceStore(store or DEFAULT_DB)
     docs = documents(inputs, labels if labels is None or isinstance(labels, str) else list(labels),
                      text_field=text_field, label_field=label_field)
@@ -114,22 +113,16 @@ def record(
         raise InputError("nothing to record: the inputs contain no text or tokens"
                          + (f" (skipped {empty} empty document{'s' if empty != 1 else ''})" if empty else ""))
 
-    gen_batch = None if gen_kwargs is None else _generation_batch_size(model, gen_kwargs, batch_size)
-    run_metadata = {**(metadata or {}), "seq_len": seq_len, "batch_size": batch_size, "logits": logits,
-                    "generate": None if gen_kwargs is None else readable(gen_kwargs), "chat": chat,
-                    "add_special_tokens": add_special_tokens, "contributions": contributions}
-    if gen_batch is not None:
-        run_metadata["generate_batch_size"] = gen_batch
-    run_id = into.run_id if into is not None else store.create_run(
-        model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
-        name=name,
-        **run_fields(model, info),
-        parent_run_id=parent_run_id,
-        intervention=intervention,
-        metadata=run_metadata,
-    )
-    if into is None:
-        store.append(run_id, {"layers": layer_rows(info)})
+    run_metadata = recording_metadata(metadata, gen_kwargs, gen_batch, seq_len=seq_len, batch_size=batch_size, logits=logits,
+                                      chat=chat, add_special_tokens=add_special_tokens, contributions=contributions)
+    if into is not None:
+        run_id = into.run_id
+    else:
+        with store.batch():  # one connection for the run's creation (see `TraceStore.batch`)
+            run_id = store.create_run(model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                                      name=name, **run_fields(model, info), parent_run_id=parent_run_id,
+                                      intervention=intervention, metadata=run_metadata)
+            store.append(run_id, {"layers": layer_rows(info)})
     writer = RunWriter(store, run_id, flush_tokens=flush_tokens, **({} if into is None else
                        {"shard": into.shard, "seq_offset": into.first_seq_id}))
     bar = _progress(progress, max_tokens)
@@ -150,11 +143,13 @@ def record(
                     background.submit(_generation(model, tokenizer, info, capture, batch, seq_start, pad, gen_kwargs, eos))
                     seq_start += len(batch)
                     bar.update(sum(len(c.ids) for c in batch))
-        writer.flush()
-        if into is not None:
-            store.finish_shard(run_id, into.shard)
-            return run_id
-        store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
+        with store.batch():  # the last rows, the totals and the final status through one connection
+            writer.flush()
+            if into is not None:
+                store.finish_shard(run_id, into.shard)
+                return run_id
+            store.update_run(run_id, metadata={**run_metadata, "empty_documents": counts["empty_documents"]})
+            store.finish_run(run_id, "complete")
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         if into is None:  # a worker's failure is reported (and the run failed) by its driver
@@ -162,7 +157,6 @@ def record(
         raise
     finally:
         bar.close()
-    store.finish_run(run_id, "complete")
     return run_id
 
 
@@ -224,14 +218,9 @@ def _cpu_argmax(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(-1).numpy()
 
 
-def _pop(capture: RoutingCapture) -> tuple[PendingCalls, list | None]:
-    """The routing of the last forward(s), copies started; contribution norms (small, copied at once) if kept."""
-    contributions = capture.contributions.pop() if capture.contributions is not None else None
-    return capture.pop_async(), contributions
-
-
-def _routing_tables(info: MoEInfo, pending: PendingCalls, contributions: list | None, rows: RowMap) -> dict:
+def _routing_tables(info: MoEInfo, pending: PendingCalls, rows: RowMap) -> dict:
     tables = routing_columns(pending.wait(), rows)
+    contributions = pending.wait_contributions()
     if contributions is not None:
         tables |= contribution_columns(contributions, rows.seq_id, rows.pos, rows.keep)
     rows.check_complete([s.layer for s in info.sites])
@@ -247,11 +236,11 @@ def _forward(model: Any, info: MoEInfo, capture: RoutingCapture, batch: list[Chu
     if info.is_encoder_decoder:  # both stacks route the same tokens at the same positions
         kwargs.update(decoder_input_ids=kwargs["input_ids"], decoder_attention_mask=kwargs["attention_mask"])
     predicted = _Predicted(model(**kwargs).logits)
-    pending, contributions = _pop(capture)
+    pending = capture.pop_async()
 
     def build() -> tuple[dict, int, int]:
         rows = forward_rows(seq_start, mask.numpy())
-        tables = _routing_tables(info, pending, contributions, rows)
+        tables = _routing_tables(info, pending, rows)
         kept = predicted.wait().reshape(-1)[rows.keep]
         tables["tokens"] = _token_columns(batch, seq_start, predicted=pa.array(kept, type=pa.int32()))
         tables["sequences"] = _sequence_columns(batch, seq_start, prompt_lens=[len(c.ids) for c in batch])
@@ -292,14 +281,14 @@ def _generation(model: Any, tokenizer: Any, info: MoEInfo, capture: RoutingCaptu
     # Raw logits of every step (and of the extra forward): their argmax predicts the next token of each row.
     predicted = _HostCopy(torch.stack([s.argmax(-1) for s in [*out.logits, last.logits[:, -1]]], dim=1))
     sequences = _HostCopy(out.sequences)
-    pending, contributions = _pop(capture)
+    pending = capture.pop_async()
 
     def build() -> tuple[dict, int, int]:
         generated = sequences.wait()[:, width:]
         step_predicted = predicted.wait()
         n_generated = [_generated_length(row, eos) for row in generated]
         rows = generation_rows(seq_start, [len(c.ids) for c in batch], width, n_generated, n_new)
-        tables = _routing_tables(info, pending, contributions, rows)
+        tables = _routing_tables(info, pending, rows)
         fulls, predicted_ids, phase = [], [], []
         for chunk, new, n, step in zip(batch, generated, n_generated, step_predicted):
             n_prompt, new_ids = len(chunk.ids), [int(t) for t in new[:n]]
@@ -447,10 +436,26 @@ def _batched(chunks: Iterable[Chunk], size: int) -> Iterator[list[Chunk]]:
         yield batch
 
 
-def _generation_batch_size(model: Any, gen_kwargs: dict[str, Any], batch_size: int) -> int:
-    """``batch_size``, or 1 where a padded batch would stop rows differently than generating each alone: a
+def recording_metadata(metadata: dict | None, gen_kwargs: dict[str, Any] | None, gen_batch: int | None,
+                       **settings: Any) -> dict:
+    """A run's metadata: the caller's, the recording settings, a readable ``generate`` and, when generating,
+    the batch size generation actually used (shared by `record` and the distributed driver)."""
+    out = {**(metadata or {}), **settings, "generate": None if gen_kwargs is None else readable(gen_kwargs)}
+    if gen_batch is not None:
+        out["generate_batch_size"] = gen_batch
+    return out
+
+
+def generation_batch_size(model: Any, info: MoEInfo, gen_kwargs: dict[str, Any] | None, batch_size: int) -> int | None:
+    """How many prompts to generate at once (None: not generating); refuses encoder-decoder models.
+
+    ``batch_size``, or 1 where a padded batch would stop rows differently than generating each alone: a
     ``max_length`` counts the left padding, stopping criteria and stop strings see the padded ids, and a model
     whose forward takes no ``position_ids`` cannot place a left-padded row's tokens at their own positions."""
+    if gen_kwargs is None:
+        return None
+    if info.is_encoder_decoder:
+        raise InputError("generation recording supports decoder-only models; record encoder-decoder models with forwards")
     stops = ("stopping_criteria", "stop_strings", "max_time")
     if (_generation_setting(gen_kwargs, "max_new_tokens") is None or any(_generation_setting(gen_kwargs, n) for n in stops)
             or "position_ids" not in inspect.signature(model.forward).parameters):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -148,10 +149,10 @@ class DatasetStore(TraceStore):
 
     def _define_views(self, con: duckdb.DuckDBPyConnection) -> None:
         con.register("meta", pa.table({"key": ["schema_version", "format"], "value": [str(self.schema_version), FORMAT]}))
-        for table in contract():
-            if table in ("meta", "summaries"):
-                continue
-            con.execute(f"CREATE VIEW {_ident(table)} AS {_select(table, self._files(table))}")
+        files = {t: self._files(t) for t in contract() if t not in ("meta", "summaries", "runs")}
+        for table, table_files in files.items():
+            con.execute(f"CREATE VIEW {_ident(table)} AS {_select(table, table_files)}")
+        self._define_runs_view(con, files if self.shard is None else {t: self._every_shard(t) for t in files})
         registry = []
         for target in sorted(p.name for p in self.path.glob(SUMMARY_PREFIX + "*") if p.is_dir()):
             files = sorted(glob.glob(str(self.path / glob.escape(target) / "run_id=*" / "part-0.parquet")))
@@ -167,6 +168,70 @@ class DatasetStore(TraceStore):
             "n_rows": pa.array([r[2] for r in registry], pa.int64()),
             "columns": pa.array([r[3] for r in registry], pa.list_(pa.string())),
         }))
+
+    def _define_runs_view(self, con: duckdb.DuckDBPyConnection, files: dict[str, list[str]]) -> None:
+        """``runs`` as stored, except that a run stored ``complete`` whose shards are not all whole on disk reads
+        ``incomplete``, its ``error`` saying which shard is missing or partial (`_shard_problem`): a shard folder
+        deleted or copied partially after the run finished is never analysed as if the run were complete.
+        ``files``: every table's files, all shards (one glob per table, already made for the views)."""
+        run_files = self._files("runs")
+        con.execute(f"CREATE VIEW _stored_runs AS {_select('runs', run_files)}")
+        stored = {int(_RUN_DIR.search(Path(f).parent.name).group(1)): n_shards
+                  for f in run_files for status, n_shards in [_run_state(f)] if status == "complete"}
+        problems: list[tuple[int, str]] = []
+        if stored:
+            rows: dict[tuple[int, int], dict[str, int]] = {}  # (run, shard) -> rows per table, complete runs only
+            for table, table_files in files.items():
+                for f in table_files:
+                    shard_dir = Path(f).parent
+                    run = _RUN_DIR.search(shard_dir.parent.name)
+                    if table not in PER_RUN and run and int(run.group(1)) in stored:
+                        cell = rows.setdefault((int(run.group(1)), int(_SHARD.match(shard_dir.name).group(1))), {})
+                        cell[table] = cell.get(table, 0) + _row_count([f])
+            problems = [(run_id, problem) for run_id, n_shards in stored.items()
+                        if (problem := self._shard_problem(run_id, n_shards, rows)) is not None]
+        con.register("_run_problems", pa.table({"run_id": pa.array([p[0] for p in problems], pa.int32()),
+                                                "problem": pa.array([p[1] for p in problems], pa.string())}))
+        con.execute("CREATE VIEW runs AS SELECT r.* REPLACE (CASE WHEN p.problem IS NULL THEN r.status ELSE 'incomplete' END "
+                    "AS status, coalesce(p.problem, r.error) AS error) FROM _stored_runs r LEFT JOIN _run_problems p USING (run_id)")
+
+    def _shard_problem(self, run_id: int, n_shards: int | None, rows: dict[tuple[int, int], dict[str, int]]) -> str | None:
+        """Why the run's rows on disk are not the whole run (None when they are): one of its ``n_shards`` shards
+        (or, when unknown, of the shards on disk) lacks its completion marker, holds other row counts than the
+        marker wrote down, or a shard that is not the run's has rows. ``rows``: rows per table of each shard."""
+        marked = {int(m.group(1)) for p in self._run_dir(run_id).glob("shard=*.done") if (m := _SHARD.match(p.name))}
+        on_disk = sorted(marked | {shard for run, shard in rows if run == run_id})
+        expected = list(range(int(n_shards))) if n_shards is not None and not pd.isna(n_shards) else on_disk
+        fix = "re-record it, or copy the run's folders again whole"
+        missing = [s for s in expected if s not in marked]
+        if missing:
+            return (f"run {run_id}: shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                    f"{len(expected)} {'have' if len(missing) > 1 else 'has'} no completion marker (deleted or copied "
+                    f"partially after the run finished); its rows are incomplete: {fix}")
+        stray = sorted(set(on_disk) - set(expected))
+        if stray:
+            return f"run {run_id}: shard {stray[0]} is not one of its {len(expected)} shards; its rows would be counted twice: {fix}"
+        for shard in expected:
+            try:
+                promised = json.loads(self._marker(run_id, shard).read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"run {run_id}: the completion marker of shard {shard} cannot be read: {fix}"
+            have = rows.get((int(run_id), shard), {})
+            for table in (t for t in RUN_TABLES if t not in PER_RUN):
+                if have.get(table, 0) != promised.get(table, 0):
+                    return (f"run {run_id}: shard {shard} has {have.get(table, 0):,} {table} rows where it finished with "
+                            f"{promised.get(table, 0):,} (files deleted or copied partially); {fix}")
+        return None
+
+    def _every_shard(self, table: str) -> list[str]:
+        """The table's files of every run and shard, also in an `only_shard` view."""
+        pattern = ["run_id=*", "*.parquet"] if table in PER_RUN else ["run_id=*", "shard=*", "*.parquet"]
+        return sorted(glob.glob(os.path.join(glob.escape(str(self.path / table)), *pattern)))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Nothing to share: a dataset's writes are files, not connections."""
+        yield
 
     def only_shard(self, shard: int) -> DatasetStore:
         """A read-only view of this dataset in which the sharded tables (sequences, tokens, routing, ...) hold
@@ -266,11 +331,18 @@ class DatasetStore(TraceStore):
 
     def finish_run(self, run_id: int, status: str = "complete", error: str | None = None) -> None:
         """Mark a run ``complete`` or ``failed``. ``complete`` needs every shard that has rows to be finished
-        (this object's own shards are finished here) and no sequence split over two shards."""
+        (this object's own shards are finished here), each of the run's ``n_shards`` (when set) to be finished,
+        and no sequence split over two shards."""
         self._writable()
         _check_status(status)
         self._require_run(run_id)
         if status == "complete":
+            n_shards = self.run(run_id)["n_shards"]
+            missing = [] if pd.isna(n_shards) else [s for s in range(int(n_shards)) if not self.shard_done(run_id, s)
+                                                     and (int(run_id), s) not in self._open_shards]
+            if missing:
+                raise StoreError(f"run {run_id}: shard {missing[0]} of its {int(n_shards)} shards has not finished (no "
+                                 "completion marker); the run stays 'recording'. Finish that shard, or mark the run failed.")
             for shard in self.shard_ids(run_id):
                 if not self.shard_done(run_id, shard):
                     if (int(run_id), shard) not in self._open_shards:
@@ -417,6 +489,38 @@ class DatasetStore(TraceStore):
     def summary_names(self, run_id: int) -> set[str]:
         found = glob.glob(str(self.path / f"{SUMMARY_PREFIX}*" / f"run_id={int(run_id)}" / "part-0.parquet"))
         return {Path(f).parent.parent.name[len(SUMMARY_PREFIX):] for f in found}
+
+
+#: Row counts of Parquet files, and status and shard count of run rows, already read, by ``(path, size, mtime)``:
+#: checking a run's shards against their markers then costs a stat per file, not a read, on every connection.
+_row_counts: dict[tuple[str, int, int], int] = {}
+
+
+_run_states: dict[tuple[str, int, int], tuple[str, int | None]] = {}
+
+
+def _cached(cache: dict, path: str, read: Any) -> Any:
+    """``read(path)``, remembered until the file changes (its size or mtime)."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in cache:
+        if len(cache) > 65_536:
+            cache.clear()
+        cache[key] = read(path)
+    return cache[key]
+
+
+def _row_count(files: list[str]) -> int:
+    return sum(_cached(_row_counts, f, lambda p: pq.read_metadata(p).num_rows) for f in files)
+
+
+def _run_state(path: str) -> tuple[str, int | None]:
+    """``(status, n_shards)`` of a run row file (``n_shards`` None in a file written before it existed)."""
+    def read(p: str) -> tuple[str, int | None]:
+        row = pq.ParquetFile(p).read().to_pylist()[0]
+        return row["status"], row.get("n_shards")
+
+    return _cached(_run_states, path, read)
 
 
 def _select(table: str, files: list[str]) -> str:

@@ -17,11 +17,12 @@ import pyarrow as pa
 
 #: Version of the table layout written by this moelens. A file with a larger number was written by a
 #: newer moelens and is refused rather than misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Run states. A run is ``complete`` only after its last chunk is written; a crash leaves ``recording``
-#: (shown as interrupted) and Ctrl-C or an exception leaves ``failed``.
-RUN_STATUSES = ("recording", "complete", "failed")
+#: (shown as interrupted) and Ctrl-C or an exception leaves ``failed``. A Parquet dataset also reads
+#: ``incomplete`` (never stored) for a run stored complete whose shards are no longer whole on disk.
+RUN_STATUSES = ("recording", "complete", "failed", "incomplete")
 
 # Output norm ||f_j(x)||_2 of the expert in each routed slot (optional, for pruning scores).
 EXPERT_CONTRIBUTIONS = """CREATE TABLE IF NOT EXISTS expert_contributions (
@@ -79,7 +80,9 @@ DDL: tuple[str, ...] = (
         intervention JSON,
         moelens_version VARCHAR,
         schema_version INTEGER,
-        metadata JSON
+        metadata JSON,
+        -- shards a many-worker recording writes into a Parquet dataset; NULL: whatever shards are on disk
+        n_shards INTEGER
     )""",
     # One row per routed component. ``layer`` is the key used by every other table: the model's own block
     # index; a second router in the same block (JetMoE's attention MoA) or a second stack (Switch's decoder)
@@ -150,6 +153,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (2, BLOCK_RESIDUALS),
     (2, SUMMARIES),
     (2, "ALTER TABLE tokens ADD COLUMN IF NOT EXISTS special VARCHAR"),
+    (3, "ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_shards INTEGER"),
 )
 
 #: Tables that hold per-run rows (deleted with the run, exported with it). ``runs`` itself is last.
@@ -265,6 +269,7 @@ RUN_FIELDS = (
     "parent_run_id",
     "intervention",
     "metadata",
+    "n_shards",
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -87,6 +88,7 @@ class TraceStore:
         self.path = Path(path)
         self.read_only = read_only
         self._session: duckdb.DuckDBPyConnection | None = None
+        self._batch: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (thread, connection) of `batch`
         self._shims: tuple[str, ...] = ()
         self.lock_timeout = lock_timeout
         if self.path.is_dir():
@@ -123,8 +125,29 @@ class TraceStore:
             yield shared
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """``with store.batch():`` — this thread's reads and writes inside share one write connection.
+
+        A recording starts and ends with a few small writes (create the run, its layers; the last rows, the
+        totals, the final status); opening the file for each costs tens of milliseconds. The connection is
+        closed when the block ends, so other processes wait at most that long; other threads keep their own.
+        """
+        if self._batch is not None:
+            yield
+            return
+        with self.connect(write=True) as con:
+            self._batch = (threading.get_ident(), con)
+            try:
+                yield
+            finally:
+                self._batch = None
+
+    @contextlib.contextmanager
     def connect(self, *, write: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the lock."""
+        if self._batch is not None and self._batch[0] == threading.get_ident():
+            yield self._batch[1]
+            return
         if self._session is not None and not write:
             yield self._session
             return

@@ -64,9 +64,11 @@ def export_run(src: TraceStore, run_id: int, folder: str | Path, *, shards: int 
             for shard, ranges in enumerate(plan):
                 batches = (b for lo, hi in ranges for b in _batches(con, sql, [run_id, lo, hi]))
                 written.append(dst._write_part(table, run_id, shard, batches))
-        for shard in dst._shards_on_disk(run_id):
+        marked = dst._shards_on_disk(run_id)
+        for shard in marked:
             dst._mark_shard(run_id, shard)
-        row = con.sql("SELECT * EXCLUDE (run_id) FROM runs WHERE run_id = ?", params=[run_id]).to_arrow_table()
+        row = con.sql("SELECT * EXCLUDE (run_id, n_shards), CAST(? AS INTEGER) AS n_shards FROM runs WHERE run_id = ?",
+                      params=[len(marked), run_id]).to_arrow_table()  # a reader can tell a shard missing later
     for name in sorted(src.summary_names(run_id)):
         written.append(dst._summary_file(run_id, name, src.read_summary(run_id, name)))
     written.append(dst._write_run_row(run_id, row))  # last: the run exists in the dataset once everything else landed
@@ -106,7 +108,8 @@ def _copy_into_file(scon: Any, old: int, dst: TraceStore, mapping: dict[int, int
         con.execute("BEGIN TRANSACTION")
         try:
             new = int(con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchall()[0][0])
-            row.update(run_id=new, parent_run_id=mapping.get(parent) if parent is not None else None)
+            row.update(run_id=new, parent_run_id=mapping.get(parent) if parent is not None else None,
+                       n_shards=None)  # a DuckDB file holds a run in one piece
             con.register("_moelens_run", pa.Table.from_pylist([row], schema=scon.sql("SELECT * FROM runs LIMIT 0").to_arrow_table().schema))
             con.execute("INSERT INTO runs BY NAME SELECT * FROM _moelens_run")
             con.unregister("_moelens_run")
