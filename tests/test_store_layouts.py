@@ -286,6 +286,8 @@ def test_cli_says_an_incomplete_run_is_incomplete_in_one_line(two_shard_dataset)
     assert f"run {run} is incomplete" in shown.output and "shard 0 of 2 has no completion marker" in shown.output
     analysed = runner.invoke(app, ["analyze", "expert_load", "--db", str(folder)])
     assert analysed.exit_code == 1 and "no complete run" in str(analysed.exception)
+    named = runner.invoke(app, ["analyze", "expert_load", "--db", str(folder), "--run", str(run)], env={"COLUMNS": "300"})
+    assert named.exit_code == 1 and f"run {run} is incomplete (run {run}: shard 0 of 2" in named.output + str(named.exception)
 
 
 def test_dataset_refuses_a_sequence_split_over_shards(tmp_path) -> None:

@@ -37,6 +37,7 @@ STATUS_TEXT = {
     "complete": "complete",
     "recording": "recording / interrupted",
     "failed": "failed",
+    "incomplete": "incomplete (a shard is missing or partial)",
 }
 
 

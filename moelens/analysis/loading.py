@@ -76,9 +76,10 @@ def clear_cache() -> None:
 
 def run_key(row: dict[str, Any], path: Any) -> tuple[Any, ...] | None:
     """Identity of a finished run's contents (its ``runs`` row): (store path, run id, finished_at); None
-    while it is recording (then nothing derived from it may be cached)."""
+    while it is recording or reads incomplete (a dataset shard missing: restoring it changes the contents),
+    then nothing derived from it may be cached."""
     finished = row.get("finished_at")
-    if row.get("status") == "recording" or finished is None or pd.isna(finished):
+    if row.get("status") in ("recording", "incomplete") or finished is None or pd.isna(finished):
         return None
     return (str(Path(path).resolve()), int(row["run_id"]), str(finished))
 

@@ -254,6 +254,10 @@ def _check_data(source: Any, run: int | None, spec: ScoreSpec, params: Mapping[s
                          "(or labels=...), or pick a labelled run")
     if run is None:
         return
+    row = source.run(int(run))
+    if row.get("status") == "incomplete":
+        raise InputError(f"run {run} is incomplete ({row.get('error')}): restore or re-record the missing shard, "
+                         "or pick a complete run (moelens runs)")
     if spec.needs == "shared experts" and not _exists(source, run, "shared_experts", "true"):
         raise InputError(f"{spec.name}: run {run} has no shared-expert gates (its model has no shared experts)")
     phase = params.get("phase")
