@@ -165,11 +165,16 @@ def test_summaries_replace_the_routing_rows(store: TraceStore) -> None:
         "expert_load": [{}, {"by_label": True, "phase": "prompt"}], "layer_balance": [{"phase": "generated"}],
         "domain_specialization": [{"top1": True}], "coactivation": [{}, {"phase": "prompt"}],
         "cross_layer_transitions": [{"top1": False}], "cross_layer_consistency": [{}],
-        "vocabulary_specialization": [{"min_count": 2}], "vocabulary_by_expert": [{"phase": "generated", "min_count": 1}],
+        "vocabulary_specialization": [{"min_count": 2}, {"min_count": 1, "normalize": True, "phase": "prompt"}],
+        "vocabulary_by_expert": [{"phase": "generated", "min_count": 1}, {"min_count": 2}],
     }  # fmt: skip
     for name, variants in served.items():
         for params in variants:
             assert_same(A.run_score(store, run, name, **params), A.SCORES[name].function(data, **params), f"{name} {params}")
+    big = store.read_summary(run, "token_experts").num_rows  # a summary larger than the pass budget is a pass too
+    with pytest.raises(A.NeedsFullPass, match=f"{big:,}-row summary token_experts"):
+        A.run_score(store, run, "vocabulary_by_expert", min_count=3, max_pass_slots=big - 1)
+    assert len(A.run_score(store, run, "expert_load", phase="generated", max_pass_slots=big - 1))
     rep = store.read_summary(run, "repetition").to_pandas()
     ref_rep = A.repetition(data, by_label=True)
     for (layer, label), g in rep.groupby(["layer", "label"]):

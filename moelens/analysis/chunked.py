@@ -49,6 +49,7 @@ class Context:
     n_tokens: int
     sequences: pd.DataFrame  #: seq_id, n_tokens (kept), label (code, -1 = none) of every sequence, by seq_id
     chunked: Any = None  #: the score as prepared for this run (what `finish` must be called on)
+    max_pass_slots: int | None = None  #: the caller's pass budget; also bounds the summary rows a finish reads
 
 
 class Chunked:
@@ -242,9 +243,9 @@ class NeedsFullPass(MoelensError):
     """The result needs a streamed pass over the run's routing (it cannot finish from the derived summaries)
     and the pass is larger than the caller's ``max_pass_slots``."""
 
-    def __init__(self, what: str, n_tokens: int, n_slots: int, n_batches: int):
+    def __init__(self, what: str, n_tokens: int, n_slots: int, n_batches: int, unit: str = "routing slots"):
         self.what, self.n_tokens, self.n_slots, self.n_batches = what, n_tokens, n_slots, n_batches
-        super().__init__(f"{what} needs a pass over {n_tokens:,} tokens ({n_slots:,} routing slots, {n_batches} batches)")
+        super().__init__(f"{what} needs a pass over {n_tokens:,} tokens ({n_slots:,} {unit}, {n_batches} batches)")
 
 
 def compute_partial(
@@ -364,7 +365,7 @@ def _streamed(
     with RunStream(store, run, phase=phase, target_slots=target_slots) as stream:
         ctx = Context(stream.meta, stream.n_tokens, stream.sequences())
         chunked = chunked.prepare(ctx)
-        ctx = replace(ctx, chunked=chunked)
+        ctx = replace(ctx, chunked=chunked, max_pass_slots=max_pass_slots)
         stream.restrict(chunked.select_sequences(stream.seq_ids))
         partial = chunked.from_summaries(store, ctx) if engine == "local" else None
         if partial is None and max_pass_slots is not None:

@@ -31,13 +31,14 @@ import pyarrow as pa
 
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
-from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, compute_partial
+from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, NeedsFullPass, compute_partial
 from moelens.analysis.coactivation import pair_counts
 from moelens.analysis.committee import eci_stats, unit_tokens
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
 from moelens.analysis.transitions import transition_counts
 from moelens.analysis.vocabulary import order_key
+from moelens.store.schema import summary_table
 
 NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units")
 
@@ -182,6 +183,18 @@ def _read(store: Any, ctx: Context, name: str) -> Any:
     return df if phase is None else df[df["phase"] == phase]
 
 
+def check_budget(store: Any, ctx: Context, name: str) -> None:
+    """Refuse (`NeedsFullPass`) to read a whole summary of more rows than the caller's pass budget: the per token
+    id tables of a big run hold tens of millions of rows, as long to read as a pass over the routing (the others
+    are bounded by layers × experts², whatever the run's size, and are always read)."""
+    if ctx.max_pass_slots is None or ctx.meta.origin is None:
+        return
+    found = store.query("SELECT n_rows FROM summaries WHERE run_id = ? AND name = ?", [int(ctx.meta.origin.run_id), name])
+    rows = int(found["n_rows"].iloc[0]) if len(found) else 0
+    if rows > ctx.max_pass_slots:
+        raise NeedsFullPass(f"{type(ctx.chunked).__name__} (from the {rows:,}-row summary {name})", ctx.n_tokens, rows, 1, "summary rows")
+
+
 def _label_codes(df: Any, data: RoutingData) -> np.ndarray:
     """Label code of each row, D for unlabelled."""
     names = {name: i for i, name in enumerate(data.label_names)}
@@ -261,15 +274,29 @@ def transition_counts_of(store: Any, ctx: Context, top1: bool) -> Any:
 
 def token_expert_counts(store: Any, ctx: Context) -> Any:
     """`moelens.analysis.vocabulary.TokenExpertCounts`'s partial (input target) from ``token_experts`` and
-    ``token_ids``."""
-    rows, ids = _read(store, ctx, "token_experts"), _read(store, ctx, "token_ids")
-    if rows is None or ids is None:
+    ``token_ids``, holding per (layer, token id) only the cell `finish` reads: the expert with the most routed
+    slots (ties: the one seen first), computed in SQL over the stored rows (memory bounded by DuckDB's, not by
+    the tens of millions of cells of a big run). Phases are pooled unless the context filters one."""
+    if ctx.meta.origin is None or not {"token_experts", "token_ids"} <= set(store.summary_names(ctx.meta.origin.run_id)):
         return None
-    n_x = Keyed(ids["token_id"].to_numpy().astype(np.int64), {"n": ids["n"].to_numpy().astype(np.int64)}, {"n": "sum"})
+    check_budget(store, ctx, "token_experts")
+    run, phase = int(ctx.meta.origin.run_id), ctx.meta.phase_filter
+    where, args = ("run_id = ?", [run]) if phase is None else ("run_id = ? AND phase = ?", [run, phase])
+    ids = store.arrow(f"SELECT token_id, sum(n) AS n FROM {summary_table('token_ids')} WHERE {where} GROUP BY token_id ORDER BY token_id", args)
+    phases = store.query(f"SELECT count(DISTINCT coalesce(phase, '')) AS n FROM {summary_table('token_ids')} WHERE {where}", args)
+    cells = (f"(SELECT layer, token_id, expert, sum(count) AS n, min(first_at) AS first FROM {summary_table('token_experts')} "
+             f"WHERE {where} GROUP BY ALL)") if int(phases["n"].iloc[0]) > 1 else (  # one phase: a cell is one row
+             f"(SELECT layer, token_id, expert, count AS n, first_at AS first FROM {summary_table('token_experts')} WHERE {where})")
+    rank = "-n * (1::HUGEINT << 64) + first"  # most slots first, then the earliest first slot
+    top = store.arrow(f"SELECT layer, token_id, arg_min(expert, {rank}) AS expert, max(n) AS n, arg_min(first, {rank}) AS first "
+                      f"FROM {cells} GROUP BY layer, token_id ORDER BY layer, token_id", args)
+    n_x = Keyed(ids.column("token_id").to_numpy().astype(np.int64), {"n": ids.column("n").to_numpy().astype(np.int64)}, {"n": "sum"}, grouped=True)
+    layer = top.column("layer").to_numpy()
+    token, expert = top.column("token_id").to_numpy().astype(np.int64), top.column("expert").to_numpy().astype(np.int64)
+    count, first = top.column("n").to_numpy().astype(np.int64), top.column("first").to_numpy().astype(np.int64)
     layers = []
-    for li, layer in enumerate(ctx.meta.layer_ids):
+    for li, lid in enumerate(ctx.meta.layer_ids):
+        here = layer == lid
         E = int(ctx.meta.n_experts[li])
-        here = rows[rows["layer"] == layer]
-        keys = here["token_id"].to_numpy().astype(np.int64) * E + here["expert"].to_numpy().astype(np.int64)
-        layers.append(Keyed(keys, {"count": here["count"].to_numpy().astype(np.int64), "first": here["first_at"].to_numpy().astype(np.int64)}, {"count": "sum", "first": "min"}))
+        layers.append(Keyed(token[here] * E + expert[here], {"count": count[here], "first": first[here]}, {"count": "sum", "first": "min"}, grouped=True))
     return {"n_x": n_x, "layers": layers}
