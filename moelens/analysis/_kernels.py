@@ -89,6 +89,50 @@ def scatter_routing(
     return bad
 
 
+def slot_counts(experts: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
+    """Add to ``out[g * E + e]`` one per routed slot (expert ``e >= 0``) of a token in group ``g >= 0``
+    (``group`` empty = every token in group 0). ``experts`` is one layer's ``[T, K]``. Returns the number of
+    slots whose expert is >= E or tokens whose group is >= n_groups (the caller rejects them); they are not
+    counted."""
+    bad = 0
+    for t in range(experts.shape[0]):
+        g = group[t] if len(group) else 0
+        if g < 0:
+            continue
+        if g >= n_groups:
+            bad += 1
+            continue
+        base = g * n_experts
+        for r in range(experts.shape[1]):
+            e = experts[t, r]
+            if e >= n_experts:
+                bad += 1
+            elif e >= 0:
+                out[base + e] += 1
+    return bad
+
+
+def slot_mass(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
+    """`slot_counts` summing ``float64(weights[t, r])`` instead of 1, slots visited in row-major order (the
+    order in which ``np.bincount`` sums, so the float64 totals are the same to the last bit)."""
+    bad = 0
+    for t in range(experts.shape[0]):
+        g = group[t] if len(group) else 0
+        if g < 0:
+            continue
+        if g >= n_groups:
+            bad += 1
+            continue
+        base = g * n_experts
+        for r in range(experts.shape[1]):
+            e = experts[t, r]
+            if e >= n_experts:
+                bad += 1
+            elif e >= 0:
+                out[base + e] += np.float64(weights[t, r])
+    return bad
+
+
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:
