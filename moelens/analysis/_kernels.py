@@ -133,6 +133,21 @@ def slot_mass(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_gro
     return bad
 
 
+def slot_first(experts: np.ndarray, order: np.ndarray, group: np.ndarray, n_experts: int, out: np.ndarray) -> None:
+    """``out[g * E + e] = min(out[...], order[t, r])`` over the routed slots of tokens in group ``g >= 0``:
+    the earliest slot (in a global order) of each (group, expert) cell. ``out`` starts at int64 max."""
+    for t in range(experts.shape[0]):
+        g = group[t]
+        if g < 0:
+            continue
+        for r in range(experts.shape[1]):
+            e = experts[t, r]
+            if e >= 0 and e < n_experts:
+                f = g * n_experts + e
+                if order[t, r] < out[f]:
+                    out[f] = order[t, r]
+
+
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:
