@@ -1,0 +1,114 @@
+"""The compiled counting kernels and the prefetching stream against plain numpy / slow references on random
+inputs: slot counts and gate mass equal ``np.bincount`` to the last bit, the vocabulary table is the same
+whichever way a batch is counted (dense over its distinct ids, or by sorting) and whatever the batch split,
+and `prefetched` hands over every item in order, re-raises errors and stops when closed."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_analysis_properties import SETTINGS, same, to_data, traces
+
+import analysis_reference as ref
+import moelens.analysis as A
+import moelens.analysis.vocabulary as vocabulary
+from moelens.analysis._common import group_expert_counts
+from moelens.analysis.stream import prefetched
+
+
+def bincount_counts(experts, n_experts, group=None, n_groups=1, weights=None):
+    """The previous implementation: a bincount over ``group · E + expert`` keys of the routed slots."""
+    routed = experts >= 0
+    if group is not None:
+        routed &= (group >= 0)[:, None]
+    g = np.zeros(len(experts), np.int64) if group is None else group.astype(np.int64)
+    keys = (g[:, None] * n_experts + experts)[routed]
+    w = None if weights is None else weights[routed].astype(np.float64)
+    return np.bincount(keys, weights=w, minlength=n_groups * n_experts).reshape(n_groups, n_experts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_expert_counts_equal_bincount(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        T, K, E, G = int(rng.integers(0, 400)), int(rng.integers(1, 9)), int(rng.integers(1, 70)), int(rng.integers(1, 6))
+        experts = rng.integers(-1, E, (T, K)).astype(rng.choice([np.int16, np.int64]))
+        weights = rng.random((T, K)).astype(np.float32)
+        weights[rng.random((T, K)) < 0.05] = np.nan
+        group = rng.integers(-1, G, T).astype(rng.choice([np.int32, np.int64])) if rng.random() < 0.7 else None
+        n_groups = G if group is not None else 1
+        first = bool(rng.random() < 0.3)
+        slots = experts[:, :1] if first else experts  # a strided view, as first-choice callers pass
+        for w in (None, weights[:, : slots.shape[1]]):
+            got = group_expert_counts(slots, E, group, n_groups, weights=w)
+            want = bincount_counts(slots, E, group, n_groups, weights=w)
+            if T or w is None:  # (np.bincount of no slots with weights gives int64 zeros; the mass is float64 zeros)
+                assert got.dtype == want.dtype
+            assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_group_expert_counts_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError, match="n_experts"):
+        group_expert_counts(np.array([[0, 5]]), 4)
+    with pytest.raises(ValueError, match="n_groups"):
+        group_expert_counts(np.array([[0, 1]]), 4, np.array([2]), 2)
+
+
+@SETTINGS
+@given(traces(), st.sampled_from(["input", "next", "predicted"]), st.integers(1, 3), st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       st.sampled_from([0, 10**9]))  # fmt: skip
+def test_vocabulary_dense_and_sorted_counting(monkeypatch_module, trace, target, min_count, sizes, dense_cells) -> None:
+    monkeypatch_module.setattr(vocabulary, "DENSE_CELLS_PER_SLOT", dense_cells)  # 0: always sort; huge: always dense
+    data = to_data(trace)
+    layer_scores = A.vocabulary_specialization(data, target=target, min_count=min_count, batches=sizes).set_index("layer")
+    by_expert = A.vocabulary_by_expert(data, target=target, min_count=min_count, batches=sizes)
+    for layer in trace.layers:
+        score, n_ids, per_expert = ref.vocabulary(trace, layer, target, min_count)
+        assert same(layer_scores.loc[layer, "score"], score) and layer_scores.loc[layer, "n_token_ids"] == n_ids
+        part = by_expert[by_expert.layer == layer].set_index("expert")
+        for e, (s, n) in per_expert.items():
+            assert part.loc[e, "n_token_ids"] == n and same(part.loc[e, "score"], s)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_prefetched_order_errors_and_close() -> None:
+    assert list(prefetched(iter(range(7)))) == list(range(7))
+    assert list(prefetched([])) == []
+
+    def failing():
+        yield 1
+        raise RuntimeError("bad batch")
+
+    it = prefetched(failing())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="bad batch"):
+        next(it)
+
+    alive, produced, closed = [], [], threading.Event()
+
+    def source():
+        try:
+            for i in range(100):
+                produced.append(i)
+                alive.append(len(produced) - taken[0])
+                yield i
+        finally:
+            closed.set()
+
+    taken = [0]
+    it = prefetched(source())
+    for _ in range(3):
+        next(it)
+        taken[0] += 1
+    it.close()  # stops the producer after at most its current item, and closes the source
+    assert closed.is_set() and len(produced) <= 5
+    assert max(alive) <= 2  # the next item is only started once the previous one was taken
