@@ -148,6 +148,23 @@ def slot_first(experts: np.ndarray, order: np.ndarray, group: np.ndarray, n_expe
                     out[f] = order[t, r]
 
 
+def pair_slot_counts(experts: np.ndarray, group: np.ndarray, n_experts: int, adjacent: bool, out: np.ndarray) -> None:
+    """Add one to ``out[g, a, b]`` for every pair of slots r < s (``adjacent``: s = r + 1 only) of a token
+    in group ``g >= 0`` (``group`` empty = group 0) routed to a = experts[t, r] and b = experts[t, s]."""
+    for t in range(experts.shape[0]):
+        g = group[t] if len(group) else 0
+        if g < 0:
+            continue
+        for r in range(experts.shape[1]):
+            a = experts[t, r]
+            if a < 0:
+                continue
+            for s in range(r + 1, min(r + 2, experts.shape[1]) if adjacent else experts.shape[1]):
+                b = experts[t, s]
+                if b >= 0:
+                    out[g, a, b] += 1
+
+
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:

@@ -29,11 +29,11 @@ import pyarrow as pa
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
 from moelens.analysis.chunked import Chunked, Context, Keyed, compute_partial
-from moelens.analysis.coactivation import pair_counts
+from moelens.analysis.coactivation import grouped_pair_counts
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
 from moelens.analysis.transitions import transition_counts
-from moelens.analysis.vocabulary import order_key
+from moelens.analysis.vocabulary import order_key, token_expert_table
 
 NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition")
 
@@ -60,20 +60,20 @@ class RunSummary(Chunked):
             "count": [], "top1": [], "mass": [], "pairs": [], "transitions": [], "token_experts": [], "repetition": [],
         }  # fmt: skip
         order = order_key(batch, np.arange(batch.n_tokens))
+        known = np.flatnonzero(tok >= 0)
+        cell_ids, cell_code = np.unique((tok * _P + phase)[known], return_inverse=True)  # (token id, phase) cells
         for li, E in enumerate(batch.n_experts):
             E = int(E)
             exp = batch.experts[li]
             out["count"].append(group_expert_counts(exp, E, cell, G * _P))
             out["top1"].append(group_expert_counts(exp[:, :1], E, cell, G * _P))
             out["mass"].append(group_expert_counts(exp, E, cell, G * _P, weights=batch.weights[li]))
-            out["pairs"].append(np.stack([pair_counts(exp[phase == p], E) for p in range(_P)]))
+            out["pairs"].append(grouped_pair_counts(exp, E, phase, _P))
             if li + 1 < batch.n_layers:
                 out["transitions"].append(
                     np.stack([[transition_counts(batch, li, top1, phase == p) for top1 in (True, False)] for p in range(_P)])
                 )
-            routed = (exp >= 0) & (tok >= 0)[:, None]
-            keys = (((tok * _P + phase)[:, None]) * E + exp)[routed]
-            out["token_experts"].append(Keyed(keys, {"count": np.ones(len(keys), np.int64), "first": order[:, : exp.shape[1]][routed]}, {"count": "sum", "first": "min"}).grouped())
+            out["token_experts"].append(token_expert_table(exp[known], E, cell_ids, cell_code, order[known]))
             bits = bitsets(exp, E)
             has_any = bits.any(axis=1)
             valid, same = first_choice_repeats(batch, li, pairs)
