@@ -112,3 +112,18 @@ def test_prefetched_order_errors_and_close() -> None:
     it.close()  # stops the producer after at most its current item, and closes the source
     assert closed.is_set() and len(produced) <= 5
     assert max(alive) <= 2  # the next item is only started once the previous one was taken
+
+
+def test_expert_profiles_finish_from_summaries(store) -> None:
+    from moelens.analysis.summaries import summarize
+
+    data = A.synthetic(2000, 3, 8, 2, seed=3, seq_len=41, drop_rate=0.05, generated_fraction=0.3)
+    run = A.write_run(store, data, chunk_tokens=600)
+    summarize(store, run)
+    with store.connect(write=True) as con:  # the label profiles need nothing else
+        con.execute("DELETE FROM routing WHERE run_id = ?", [run])
+    A.clear_cache()
+    for phase in (None, "prompt"):
+        keys, matrix = A.expert_profiles(store, run, "label", phase=phase, max_pass_slots=0)
+        want_keys, want = A.expert_profiles(data, "label", phase=phase)
+        assert keys.equals(want_keys) and np.array_equal(matrix, want)
