@@ -127,3 +127,20 @@ def test_expert_profiles_finish_from_summaries(store) -> None:
         keys, matrix = A.expert_profiles(store, run, "label", phase=phase, max_pass_slots=0)
         want_keys, want = A.expert_profiles(data, "label", phase=phase)
         assert keys.equals(want_keys) and np.array_equal(matrix, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_summary_transitions_and_pairs_equal_per_phase_counts(seed: int) -> None:
+    from moelens.analysis.coactivation import grouped_pair_counts, pair_counts
+    from moelens.analysis.summaries import _P, _phase_transitions
+    from moelens.analysis.transitions import transition_counts
+
+    data = A.synthetic(500, 3, 7, 3, seed=seed, seq_len=23, drop_rate=0.1, generated_fraction=0.4)
+    phase = data.phase.astype(np.int64) + 1
+    for li in range(data.n_layers - 1):
+        got = _phase_transitions(data.experts[li], data.experts[li + 1], phase, 7, 7)
+        want = np.stack([[transition_counts(data, li, top1, phase == p) for top1 in (True, False)] for p in range(_P)])
+        assert np.array_equal(got, want)
+    for variant in ("all", "adjacent"):
+        got = grouped_pair_counts(data.experts[0], 7, phase, _P, variant)
+        assert np.array_equal(got, np.stack([pair_counts(data.experts[0][phase == p], 7, variant) for p in range(_P)]))

@@ -165,6 +165,31 @@ def pair_slot_counts(experts: np.ndarray, group: np.ndarray, n_experts: int, adj
                     out[g, a, b] += 1
 
 
+def cross_slot_counts(here: np.ndarray, there: np.ndarray, group: np.ndarray, k_here: int, k_there: int, out: np.ndarray) -> int:
+    """Add one to ``out[g, a, b]`` for every routed slot r < ``k_here`` of ``here`` (one layer's ``[T, K]``)
+    and s < ``k_there`` of ``there`` (the next layer's) of a token in group ``g >= 0``: a = here[t, r],
+    b = there[t, s] (layer-to-layer transitions; k = 1 for first choices). Returns the number of expert
+    ids outside ``out`` (not counted; the caller rejects them)."""
+    bad = 0
+    for t in range(here.shape[0]):
+        g = group[t]
+        if g < 0:
+            continue
+        for r in range(k_here):
+            a = here[t, r]
+            if a < 0:
+                continue
+            for s in range(k_there):
+                b = there[t, s]
+                if b < 0:
+                    continue
+                if a >= out.shape[1] or b >= out.shape[2]:
+                    bad += 1
+                else:
+                    out[g, a, b] += 1
+    return bad
+
+
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:

@@ -32,7 +32,6 @@ from moelens.analysis.chunked import Chunked, Context, Keyed, compute_partial
 from moelens.analysis.coactivation import grouped_pair_counts
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
-from moelens.analysis.transitions import transition_counts
 from moelens.analysis.vocabulary import order_key, token_expert_table
 
 NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition")
@@ -70,9 +69,7 @@ class RunSummary(Chunked):
             out["mass"].append(group_expert_counts(exp, E, cell, G * _P, weights=batch.weights[li]))
             out["pairs"].append(grouped_pair_counts(exp, E, phase, _P))
             if li + 1 < batch.n_layers:
-                out["transitions"].append(
-                    np.stack([[transition_counts(batch, li, top1, phase == p) for top1 in (True, False)] for p in range(_P)])
-                )
+                out["transitions"].append(_phase_transitions(exp, batch.experts[li + 1], phase, E, int(batch.n_experts[li + 1])))
             out["token_experts"].append(token_expert_table(exp[known], E, cell_ids, cell_code, order[known]))
             bits = bitsets(exp, E)
             has_any = bits.any(axis=1)
@@ -85,6 +82,21 @@ class RunSummary(Chunked):
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> dict[str, pa.Table]:
         return _tables(partial, ctx.meta)
+
+
+def _phase_transitions(here: np.ndarray, there: np.ndarray, phase: np.ndarray, E: int, E2: int) -> np.ndarray:
+    """``[P, 2, E, E2]`` transitions from layer ``here`` to the next, per phase cell: first choice → first
+    choice, and every slot pair (what `moelens.analysis.transitions.transition_counts` counts), in one
+    compiled pass each."""
+    from moelens.analysis._kernels import cross_slot_counts, jit
+
+    out = np.zeros((_P, 2, E, E2), np.int64)
+    for i, k in enumerate((1, here.shape[1])):
+        counts = np.zeros((_P, E, E2), np.int64)
+        if jit(cross_slot_counts)(here, there, phase, min(k, here.shape[1]), min(k, there.shape[1]), counts):
+            raise ValueError(f"expert ids >= n_experts ({E}, {E2}) in a layer pair")
+        out[:, i] = counts
+    return out
 
 
 def summarize(store: Any, run: int, *, persist: bool = True, **how: Any) -> dict[str, pa.Table]:
