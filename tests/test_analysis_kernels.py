@@ -8,12 +8,12 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_analysis_properties import SETTINGS, same, to_data, traces
+from test_analysis_properties import SETTINGS, to_data, traces
 
-import analysis_reference as ref
 import moelens.analysis as A
 import moelens.analysis.vocabulary as vocabulary
 from moelens.analysis._common import group_expert_counts
@@ -62,16 +62,14 @@ def test_group_expert_counts_rejects_out_of_range() -> None:
 @given(traces(), st.sampled_from(["input", "next", "predicted"]), st.integers(1, 3), st.lists(st.integers(1, 3), min_size=1, max_size=3),
        st.sampled_from([0, 10**9]))  # fmt: skip
 def test_vocabulary_dense_and_sorted_counting(monkeypatch_module, trace, target, min_count, sizes, dense_cells) -> None:
-    monkeypatch_module.setattr(vocabulary, "DENSE_CELLS_PER_SLOT", dense_cells)  # 0: always sort; huge: always dense
+    """Either way of counting a batch, over any batch split, gives the whole-data tables (which
+    test_analysis_properties checks against the reference)."""
     data = to_data(trace)
-    layer_scores = A.vocabulary_specialization(data, target=target, min_count=min_count, batches=sizes).set_index("layer")
-    by_expert = A.vocabulary_by_expert(data, target=target, min_count=min_count, batches=sizes)
-    for layer in trace.layers:
-        score, n_ids, per_expert = ref.vocabulary(trace, layer, target, min_count)
-        assert same(layer_scores.loc[layer, "score"], score) and layer_scores.loc[layer, "n_token_ids"] == n_ids
-        part = by_expert[by_expert.layer == layer].set_index("expert")
-        for e, (s, n) in per_expert.items():
-            assert part.loc[e, "n_token_ids"] == n and same(part.loc[e, "score"], s)
+    whole = [fn(data, target=target, min_count=min_count) for fn in (A.vocabulary_specialization, A.vocabulary_by_expert)]
+    monkeypatch_module.setattr(vocabulary, "DENSE_CELLS_PER_SLOT", dense_cells)  # 0: always sort; huge: always dense
+    for fn, want in zip((A.vocabulary_specialization, A.vocabulary_by_expert), whole):
+        pd.testing.assert_frame_equal(fn(data, target=target, min_count=min_count, batches=sizes), want)
+    monkeypatch_module.undo()
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +142,17 @@ def test_summary_transitions_and_pairs_equal_per_phase_counts(seed: int) -> None
     for variant in ("all", "adjacent"):
         got = grouped_pair_counts(data.experts[0], 7, phase, _P, variant)
         assert np.array_equal(got, np.stack([pair_counts(data.experts[0][phase == p], 7, variant) for p in range(_P)]))
+
+
+@pytest.mark.parametrize("E", [5, 64, 130])
+def test_shared_experts_equal_bitset_intersections(E: int) -> None:
+    from moelens.analysis._kernels import jit, shared_experts
+    from moelens.analysis._sets import bitsets, intersection_size
+
+    rng = np.random.default_rng(E)
+    for _ in range(20):
+        T, K = int(rng.integers(0, 200)), int(rng.integers(1, min(E, 9) + 1))
+        a, b = (np.stack([rng.permutation(E)[:K] for _ in range(T)]).reshape(T, K).astype(np.int16) for _ in range(2))
+        a[rng.random((T, K)) < 0.2] = -1
+        b[rng.random((T, K)) < 0.2] = -1
+        assert jit(shared_experts)(a, b, E) == intersection_size(bitsets(a, E), bitsets(b, E)).sum()

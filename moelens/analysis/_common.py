@@ -63,17 +63,14 @@ def group_expert_counts(
     token a group code, -1 = leave the token out. One compiled pass over the slots (a bincount over
     combined keys would build three temporaries of the layer's size per call).
     """
-    from moelens.analysis._kernels import jit, slot_counts, slot_mass
+    from moelens.analysis._kernels import jit, slot_totals
 
     g = np.zeros(0, np.int64) if group is None else np.asarray(group)
     if group is not None and len(g) != len(experts):
         raise ValueError(f"group has {len(g)} entries for {len(experts)} tokens")
-    if weights is None:
-        out = np.zeros(n_groups * n_experts, np.int64)
-        bad = jit(slot_counts)(experts, g, n_groups, n_experts, out)
-    else:
-        out = np.zeros(n_groups * n_experts, np.float64)
-        bad = jit(slot_mass)(experts, weights, g, n_groups, n_experts, out)
+    out = np.zeros(n_groups * n_experts, np.int64 if weights is None else np.float64)
+    w = np.zeros((0, 0), np.float32) if weights is None else weights
+    bad = jit(slot_totals)(experts, w, g, n_groups, n_experts, out)
     if bad:
         raise ValueError(f"{bad} slots or tokens name an expert >= n_experts ({n_experts}) or a group >= n_groups ({n_groups})")
     return out.reshape(n_groups, n_experts)

@@ -89,12 +89,14 @@ def scatter_routing(
     return bad
 
 
-def slot_counts(experts: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
-    """Add to ``out[g * E + e]`` one per routed slot (expert ``e >= 0``) of a token in group ``g >= 0``
-    (``group`` empty = every token in group 0). ``experts`` is one layer's ``[T, K]``. Returns the number of
-    slots whose expert is >= E or tokens whose group is >= n_groups (the caller rejects them); they are not
-    counted."""
+def slot_totals(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
+    """Add to ``out[g * E + e]`` one (``weights`` empty) or ``float64(weights[t, r])`` per routed slot
+    (expert ``e >= 0``) of a token in group ``g >= 0`` (``group`` empty = every token in group 0), visiting
+    the slots of one layer's ``[T, K]`` in row-major order — the order in which ``np.bincount`` sums, so
+    float64 totals are the same to the last bit. Returns the number of slots with an expert >= E or a
+    token group >= n_groups (not counted; the caller rejects them)."""
     bad = 0
+    count = len(weights) == 0
     for t in range(experts.shape[0]):
         g = group[t] if len(group) else 0
         if g < 0:
@@ -108,28 +110,7 @@ def slot_counts(experts: np.ndarray, group: np.ndarray, n_groups: int, n_experts
             if e >= n_experts:
                 bad += 1
             elif e >= 0:
-                out[base + e] += 1
-    return bad
-
-
-def slot_mass(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
-    """`slot_counts` summing ``float64(weights[t, r])`` instead of 1, slots visited in row-major order (the
-    order in which ``np.bincount`` sums, so the float64 totals are the same to the last bit)."""
-    bad = 0
-    for t in range(experts.shape[0]):
-        g = group[t] if len(group) else 0
-        if g < 0:
-            continue
-        if g >= n_groups:
-            bad += 1
-            continue
-        base = g * n_experts
-        for r in range(experts.shape[1]):
-            e = experts[t, r]
-            if e >= n_experts:
-                bad += 1
-            elif e >= 0:
-                out[base + e] += np.float64(weights[t, r])
+                out[base + e] += 1 if count else weights[t, r]
     return bad
 
 
@@ -188,6 +169,28 @@ def cross_slot_counts(here: np.ndarray, there: np.ndarray, group: np.ndarray, k_
                 else:
                     out[g, a, b] += 1
     return bad
+
+
+def shared_experts(a: np.ndarray, b: np.ndarray, n_experts: int) -> int:
+    """Σ over tokens t of |{routed experts of a[t]} ∩ {routed experts of b[t]}| for two ``[T, K]`` slot
+    arrays (a token's experts are distinct): each token's set from ``a`` as bits, probed by ``b``'s slots."""
+    words = np.zeros(max(1, (n_experts + 63) // 64), np.uint64)
+    one = np.uint64(1)
+    total = 0
+    for t in range(a.shape[0]):
+        for r in range(a.shape[1]):
+            e = a[t, r]
+            if e >= 0:
+                words[e >> 6] |= one << np.uint64(e & 63)
+        for s in range(b.shape[1]):
+            e = b[t, s]
+            if e >= 0 and (words[e >> 6] >> np.uint64(e & 63)) & one:
+                total += 1
+        for r in range(a.shape[1]):
+            e = a[t, r]
+            if e >= 0:
+                words[e >> 6] = 0
+    return total
 
 
 def window_histograms(
