@@ -60,16 +60,20 @@ def group_expert_counts(
     """``[n_groups, E]`` number (or, with ``weights``, gate mass) of routed slots per group and expert.
 
     ``experts`` is one layer's ``[T, K]`` slice (use ``[:, :1]`` for first choices); ``group`` gives each
-    token a group code, -1 = leave the token out.
+    token a group code, -1 = leave the token out. One compiled pass over the slots (a bincount over
+    combined keys would build three temporaries of the layer's size per call).
     """
-    routed = experts >= 0
-    if group is not None:
-        routed &= (group >= 0)[:, None]
-    g = np.zeros(len(experts), np.int64) if group is None else group.astype(np.int64)
-    keys = (g[:, None] * n_experts + experts)[routed]
-    w = None if weights is None else weights[routed].astype(np.float64)
-    counts = np.bincount(keys, weights=w, minlength=n_groups * n_experts)
-    return counts.reshape(n_groups, n_experts)
+    from moelens.analysis._kernels import jit, slot_totals
+
+    g = np.zeros(0, np.int64) if group is None else np.asarray(group)
+    if group is not None and len(g) != len(experts):
+        raise ValueError(f"group has {len(g)} entries for {len(experts)} tokens")
+    out = np.zeros(n_groups * n_experts, np.int64 if weights is None else np.float64)
+    w = np.zeros((0, 0), np.float32) if weights is None else weights
+    bad = jit(slot_totals)(experts, w, g, n_groups, n_experts, out)
+    if bad:
+        raise ValueError(f"{bad} slots or tokens name an expert >= n_experts ({n_experts}) or a group >= n_groups ({n_groups})")
+    return out.reshape(n_groups, n_experts)
 
 
 def label_groups(data: RoutingData, by_label: bool) -> tuple[np.ndarray, int]:

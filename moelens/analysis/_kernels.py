@@ -89,6 +89,110 @@ def scatter_routing(
     return bad
 
 
+def slot_totals(experts: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, out: np.ndarray) -> int:
+    """Add to ``out[g * E + e]`` one (``weights`` empty) or ``float64(weights[t, r])`` per routed slot
+    (expert ``e >= 0``) of a token in group ``g >= 0`` (``group`` empty = every token in group 0), visiting
+    the slots of one layer's ``[T, K]`` in row-major order — the order in which ``np.bincount`` sums, so
+    float64 totals are the same to the last bit. Returns the number of slots with an expert >= E or a
+    token group >= n_groups (not counted; the caller rejects them)."""
+    bad = 0
+    count = len(weights) == 0
+    for t in range(experts.shape[0]):
+        g = group[t] if len(group) else 0
+        if g < 0:
+            continue
+        if g >= n_groups:
+            bad += 1
+            continue
+        base = g * n_experts
+        for r in range(experts.shape[1]):
+            e = experts[t, r]
+            if e >= n_experts:
+                bad += 1
+            elif e >= 0:
+                out[base + e] += 1 if count else weights[t, r]
+    return bad
+
+
+def slot_first(experts: np.ndarray, order: np.ndarray, group: np.ndarray, n_experts: int, out: np.ndarray) -> None:
+    """``out[g * E + e] = min(out[...], order[t, r])`` over the routed slots of tokens in group ``g >= 0``:
+    the earliest slot (in a global order) of each (group, expert) cell. ``out`` starts at int64 max."""
+    for t in range(experts.shape[0]):
+        g = group[t]
+        if g < 0:
+            continue
+        for r in range(experts.shape[1]):
+            e = experts[t, r]
+            if e >= 0 and e < n_experts:
+                f = g * n_experts + e
+                if order[t, r] < out[f]:
+                    out[f] = order[t, r]
+
+
+def pair_slot_counts(experts: np.ndarray, group: np.ndarray, n_experts: int, adjacent: bool, out: np.ndarray) -> None:
+    """Add one to ``out[g, a, b]`` for every pair of slots r < s (``adjacent``: s = r + 1 only) of a token
+    in group ``g >= 0`` (``group`` empty = group 0) routed to a = experts[t, r] and b = experts[t, s]."""
+    for t in range(experts.shape[0]):
+        g = group[t] if len(group) else 0
+        if g < 0:
+            continue
+        for r in range(experts.shape[1]):
+            a = experts[t, r]
+            if a < 0:
+                continue
+            for s in range(r + 1, min(r + 2, experts.shape[1]) if adjacent else experts.shape[1]):
+                b = experts[t, s]
+                if b >= 0:
+                    out[g, a, b] += 1
+
+
+def cross_slot_counts(here: np.ndarray, there: np.ndarray, group: np.ndarray, k_here: int, k_there: int, out: np.ndarray) -> int:
+    """Add one to ``out[g, a, b]`` for every routed slot r < ``k_here`` of ``here`` (one layer's ``[T, K]``)
+    and s < ``k_there`` of ``there`` (the next layer's) of a token in group ``g >= 0``: a = here[t, r],
+    b = there[t, s] (layer-to-layer transitions; k = 1 for first choices). Returns the number of expert
+    ids outside ``out`` (not counted; the caller rejects them)."""
+    bad = 0
+    for t in range(here.shape[0]):
+        g = group[t]
+        if g < 0:
+            continue
+        for r in range(k_here):
+            a = here[t, r]
+            if a < 0:
+                continue
+            for s in range(k_there):
+                b = there[t, s]
+                if b < 0:
+                    continue
+                if a >= out.shape[1] or b >= out.shape[2]:
+                    bad += 1
+                else:
+                    out[g, a, b] += 1
+    return bad
+
+
+def shared_experts(a: np.ndarray, b: np.ndarray, n_experts: int) -> int:
+    """Σ over tokens t of |{routed experts of a[t]} ∩ {routed experts of b[t]}| for two ``[T, K]`` slot
+    arrays (a token's experts are distinct): each token's set from ``a`` as bits, probed by ``b``'s slots."""
+    words = np.zeros(max(1, (n_experts + 63) // 64), np.uint64)
+    one = np.uint64(1)
+    total = 0
+    for t in range(a.shape[0]):
+        for r in range(a.shape[1]):
+            e = a[t, r]
+            if e >= 0:
+                words[e >> 6] |= one << np.uint64(e & 63)
+        for s in range(b.shape[1]):
+            e = b[t, s]
+            if e >= 0 and (words[e >> 6] >> np.uint64(e & 63)) & one:
+                total += 1
+        for r in range(a.shape[1]):
+            e = a[t, r]
+            if e >= 0:
+                words[e >> 6] = 0
+    return total
+
+
 def window_histograms(
     experts: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray, n_groups: int, n_experts: int, m: int
 ) -> np.ndarray:

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import result
+from moelens.analysis._kernels import jit, shared_experts
 from moelens.analysis.chunked import Chunked, Context, compute
-from moelens.analysis._sets import bitsets, intersection_size
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -40,10 +40,12 @@ class AgreementCounts(Chunked):
                 raise InputError(f"layer {layer}: the runs have different numbers of experts ({E} vs {int(b.n_experts[lb])})")
             ea, eb = a.experts[la, ia], b.experts[lb, ib]
             first_ok = (ea[:, 0] >= 0) & (eb[:, 0] >= 0) if len(ia) else np.zeros(0, bool)
-            shared = intersection_size(bitsets(ea, E), bitsets(eb, E))
+            if max(int(ea.max(initial=-1)), int(eb.max(initial=-1))) >= E:
+                raise InputError(f"layer {layer}: expert ids >= n_experts ({E})")
+            shared = jit(shared_experts)(ea, eb, E)
             k = int(min(a.top_k[la], b.top_k[lb]))
             same = int((ea[first_ok, 0] == eb[first_ok, 0]).sum()) if len(ia) else 0
-            out[int(layer)] = np.array([len(ia), first_ok.sum(), same, shared.sum(), k, E], np.int64)
+            out[int(layer)] = np.array([len(ia), first_ok.sum(), same, shared, k, E], np.int64)
         return out
 
     def merge(self, x: dict[int, np.ndarray], y: dict[int, np.ndarray]) -> dict[int, np.ndarray]:

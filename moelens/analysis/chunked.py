@@ -27,7 +27,7 @@ import pandas as pd
 
 from moelens.analysis.data import RoutingData
 from moelens.analysis.loading import run_key
-from moelens.analysis.stream import TARGET_SLOTS, RunStream, check_phase, seq_range, split_sequences
+from moelens.analysis.stream import TARGET_SLOTS, RunStream, check_phase, prefetched, seq_range, split_sequences
 from moelens.errors import InputError, MoelensError
 
 ENGINES = ("local", "ray")
@@ -377,7 +377,7 @@ def _streamed(
 
             partial = map_shards(chunked, store, run, phase, target_slots, address, run_b)
         elif partial is None:
-            partial = merge_all(chunked, (chunked.map(p) for p in _reporting(stream_partials(chunked, stream, source_b, run_b),
+            partial = merge_all(chunked, (chunked.map(p) for p in _reporting(prefetched(stream_partials(chunked, stream, source_b, run_b)),
                                                                              len(stream.ranges), progress)))
         if partial is None:
             partial = chunked.map((ctx.meta, ctx.meta) if chunked.paired else ctx.meta)

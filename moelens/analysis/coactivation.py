@@ -26,22 +26,23 @@ def pair_counts(experts: np.ndarray, n_experts: int, variant: str = "all") -> np
     """Symmetric ``[E, E]`` number of tokens in which i and j co-occur (``all``) or are rank-adjacent among
     the token's routed experts (``adjacent``; not-routed slots are skipped, as the reference's lists never
     hold them)."""
+    return grouped_pair_counts(experts, n_experts, variant=variant)[0]
+
+
+def grouped_pair_counts(experts: np.ndarray, n_experts: int, group: np.ndarray | None = None, n_groups: int = 1, variant: str = "all") -> np.ndarray:
+    """`pair_counts` per token group, ``[n_groups, E, E]`` (``group`` -1 = leave the token out), in one
+    compiled pass over each token's slot pairs (C(k, 2) of them, so 28 per token at k = 8)."""
+    from moelens.analysis._kernels import jit, pair_slot_counts
+
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {list(VARIANTS)}, not {variant!r}")
-    K = experts.shape[1]
-    if variant == "adjacent":
-        order = np.argsort(experts < 0, axis=1, kind="stable")  # routed slots first, rank order kept
-        experts = np.take_along_axis(experts, order, axis=1)
-        slot_pairs = [(r, r + 1) for r in range(K - 1)]
-    else:
-        slot_pairs = [(r, s) for r in range(K) for s in range(r + 1, K)]
-    counts = np.zeros(n_experts * n_experts, np.int64)
-    for r, s in slot_pairs:
-        a, b = experts[:, r].astype(np.int64), experts[:, s].astype(np.int64)
-        ok = (a >= 0) & (b >= 0)
-        counts += np.bincount((a * n_experts + b)[ok], minlength=n_experts * n_experts)
-    square = counts.reshape(n_experts, n_experts)
-    return square + square.T
+    if experts.size and int(experts.max()) >= n_experts:
+        raise InputError(f"expert id {int(experts.max())} >= n_experts {n_experts}")
+    if variant == "adjacent":  # routed slots first, rank order kept: then adjacent = slots (r, r + 1)
+        experts = np.take_along_axis(experts, np.argsort(experts < 0, axis=1, kind="stable"), axis=1)
+    counts = np.zeros((n_groups, n_experts, n_experts), np.int64)
+    jit(pair_slot_counts)(experts, np.zeros(0, np.int64) if group is None else np.asarray(group), n_experts, variant == "adjacent", counts)
+    return counts + counts.transpose(0, 2, 1)
 
 
 @dataclass(frozen=True)

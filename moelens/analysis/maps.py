@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import Chunked, Firsts, Keyed, Lowest, compute_partial, position_hash, position_order
+from moelens.analysis.chunked import Chunked, Context, Firsts, Keyed, Lowest, compute_partial, position_hash, position_order
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -60,6 +60,15 @@ class ProfileCounts(Chunked):
             order = position_order(batch.seq_id[rows], batch.pos[rows])
             out["names"] = Firsts({int(i): [(int(o), t)] for i, o, t in zip(ids, order, names)}, 1)
         return out
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        """Label profiles are the run's label × expert counts: the ``expert_counts`` summary holds them."""
+        if self.features is not None:
+            return None
+        from moelens.analysis.summaries import domain_counts
+
+        counts = domain_counts(store, ctx, top1=False)
+        return None if counts is None else {"n_d": counts["n_d"], "by_label": counts["by_label"], "count": counts["overall"]}
 
 
 def expert_profiles(

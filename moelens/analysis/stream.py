@@ -9,8 +9,9 @@ run, so partials of different batches line up and merge exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from moelens.errors import InputError
 #: Routing slots (token × layer × rank) per batch: ~6 bytes each in the dense arrays (~200 MB), plus the
 #: Arrow rows of one read chunk; large enough that per-batch query and numpy overheads stay small.
 TARGET_SLOTS = 1 << 25
+
+_Item = TypeVar("_Item")
 
 
 def check_phase(phase: str | None) -> None:
@@ -118,6 +121,57 @@ def iter_batches(
     ``logits_layer`` that layer's router logits with each batch."""
     with RunStream(store, run, phase=phase, shard=shard, target_slots=target_slots) as stream:
         yield from stream.batches(text=text, logits_layer=logits_layer)
+
+
+def prefetched(items: Iterable[_Item]) -> Iterator[_Item]:
+    """``items``, each produced on a background thread while the caller works on the previous one.
+
+    Why: a streamed pass alternates reading a batch (DuckDB decoding, the scatter kernel) with scoring it
+    (numpy and numba kernels); both release the GIL, so on two or more cores reading the next batch while
+    the current one is scored hides the shorter of the two. Every step of ``items`` runs on the one
+    background thread (so a shared DuckDB connection is never used from two threads at once), and the next
+    item is only started once the caller has taken the previous one: at most two items are alive. Errors
+    are re-raised in the caller; closing the iterator stops the thread after its current item.
+    """
+    handoff: list[tuple[str, Any]] = []
+    ready, taken = threading.Semaphore(0), threading.Semaphore(0)
+    stop = threading.Event()
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                handoff.append(("item", item))
+                ready.release()
+                taken.acquire()
+                if stop.is_set():
+                    return
+            handoff.append(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            handoff.append(("error", exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            ready.release()
+
+    thread = threading.Thread(target=produce, name="moelens-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ready.acquire()
+            kind, value = handoff.pop(0)
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            taken.release()
+            yield value
+            del value
+    finally:
+        stop.set()
+        taken.release()
+        thread.join()
 
 
 def split_sequences(data: RoutingData, sizes: int | Sequence[int]) -> list[RoutingData]:

@@ -32,12 +32,11 @@ import pyarrow as pa
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
 from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, NeedsFullPass, compute_partial
-from moelens.analysis.coactivation import pair_counts
+from moelens.analysis.coactivation import grouped_pair_counts
 from moelens.analysis.committee import eci_stats, unit_tokens
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
-from moelens.analysis.transitions import transition_counts
-from moelens.analysis.vocabulary import order_key
+from moelens.analysis.vocabulary import order_key, token_expert_table
 from moelens.store.schema import summary_table
 
 NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units")
@@ -67,20 +66,18 @@ class RunSummary(Chunked):
         }  # fmt: skip
         units = unit_tokens(batch, "last_prompt_token")
         order = order_key(batch, np.arange(batch.n_tokens))
+        known = np.flatnonzero(tok >= 0)
+        cell_ids, cell_code = np.unique((tok * _P + phase)[known], return_inverse=True)  # (token id, phase) cells
         for li, E in enumerate(batch.n_experts):
             E = int(E)
             exp = batch.experts[li]
             out["count"].append(group_expert_counts(exp, E, cell, G * _P))
             out["top1"].append(group_expert_counts(exp[:, :1], E, cell, G * _P))
             out["mass"].append(group_expert_counts(exp, E, cell, G * _P, weights=batch.weights[li]))
-            out["pairs"].append(np.stack([pair_counts(exp[phase == p], E) for p in range(_P)]))
+            out["pairs"].append(grouped_pair_counts(exp, E, phase, _P))
             if li + 1 < batch.n_layers:
-                out["transitions"].append(
-                    np.stack([[transition_counts(batch, li, top1, phase == p) for top1 in (True, False)] for p in range(_P)])
-                )
-            routed = (exp >= 0) & (tok >= 0)[:, None]
-            keys = (((tok * _P + phase)[:, None]) * E + exp)[routed]
-            out["token_experts"].append(Keyed(keys, {"count": np.ones(len(keys), np.int64), "first": order[:, : exp.shape[1]][routed]}, {"count": "sum", "first": "min"}).grouped())
+                out["transitions"].append(_phase_transitions(exp, batch.experts[li + 1], phase, E, int(batch.n_experts[li + 1])))
+            out["token_experts"].append(token_expert_table(exp[known], E, cell_ids, cell_code, order[known]))
             bits = bitsets(exp, E)
             has_any = bits.any(axis=1)
             valid, same = first_choice_repeats(batch, li, pairs)
@@ -94,6 +91,21 @@ class RunSummary(Chunked):
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> dict[str, pa.Table]:
         return _tables(partial, ctx.meta)
+
+
+def _phase_transitions(here: np.ndarray, there: np.ndarray, phase: np.ndarray, E: int, E2: int) -> np.ndarray:
+    """``[P, 2, E, E2]`` transitions from layer ``here`` to the next, per phase cell: first choice → first
+    choice, and every slot pair (what `moelens.analysis.transitions.transition_counts` counts), in one
+    compiled pass each."""
+    from moelens.analysis._kernels import cross_slot_counts, jit
+
+    out = np.zeros((_P, 2, E, E2), np.int64)
+    for i, k in enumerate((1, here.shape[1])):
+        counts = np.zeros((_P, E, E2), np.int64)
+        if jit(cross_slot_counts)(here, there, phase, min(k, here.shape[1]), min(k, there.shape[1]), counts):
+            raise ValueError(f"expert ids >= n_experts ({E}, {E2}) in a layer pair")
+        out[:, i] = counts
+    return out
 
 
 def summarize(store: Any, run: int, *, persist: bool = True, **how: Any) -> dict[str, pa.Table]:

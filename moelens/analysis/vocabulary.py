@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelens.analysis._common import consecutive_pairs, result
+from moelens.analysis._common import consecutive_pairs, group_expert_counts, result
 from moelens.analysis.chunked import Chunked, Context, Firsts, Keyed, compute, position_order
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
@@ -46,6 +46,37 @@ def order_key(data: RoutingData, rows: np.ndarray) -> np.ndarray:
     return tok[:, None] | np.arange(data.k_max, dtype=np.int64)[None, :]
 
 
+#: A batch's (token id, expert) cells are counted in a dense ``[distinct ids, E]`` array when it has at most
+#: this many cells per routed slot (then a compiled pass and a scan of the array beat sorting the slots'
+#: keys by ~10x); a batch with more distinct ids than that sorts.
+DENSE_CELLS_PER_SLOT = 16
+
+
+def token_expert_table(exp: np.ndarray, n_experts: int, ids: np.ndarray, code: np.ndarray, order: np.ndarray | None) -> Keyed:
+    """Grouped `Keyed` of one layer's slots ``exp`` ``[n, K]`` of aligned positions whose token is
+    ``ids[code]`` (``ids`` sorted, distinct): key ``token id · E + expert`` → ``count`` of routed slots and,
+    with ``order`` (``[n, K]``), the ``first`` (smallest) order of those slots."""
+    from moelens.analysis._kernels import jit, slot_first
+
+    E = n_experts
+    reducers = {"count": "sum"} if order is None else {"count": "sum", "first": "min"}
+    if len(ids) * E > DENSE_CELLS_PER_SLOT * max(exp.size, 1):
+        routed = exp >= 0
+        keys = (ids[code][:, None] * E + exp)[routed]
+        columns = {"count": np.ones(len(keys), np.int64)}
+        if order is not None:
+            columns["first"] = order[:, : exp.shape[1]][routed]
+        return Keyed(keys, columns, reducers).grouped()
+    counts = group_expert_counts(exp, E, code, len(ids)).ravel()
+    cell = np.flatnonzero(counts)
+    columns = {"count": counts[cell]}
+    if order is not None:
+        first = np.full(len(counts), np.iinfo(np.int64).max, np.int64)
+        jit(slot_first)(exp, order[:, : exp.shape[1]], code, E, first)
+        columns["first"] = first[cell]
+    return Keyed(ids[cell // E] * E + cell % E, columns, reducers, grouped=True)  # sorted: ids are
+
+
 @dataclass(frozen=True)
 class TokenExpertCounts(Chunked):
     """Per layer a `Keyed` table (token id · E + expert → slot count, first slot's order) over aligned
@@ -59,18 +90,11 @@ class TokenExpertCounts(Chunked):
     def map(self, batch: RoutingData) -> dict[str, Any]:
         rows, x = aligned_tokens(batch, self.target)
         x = x.astype(np.int64)
-        n_x = Keyed(x, {"n": np.ones(len(x), np.int64)}, {"n": "sum"})
-        layers = []
+        ids, code, n = np.unique(x, return_inverse=True, return_counts=True)
+        n_x = Keyed(ids, {"n": n.astype(np.int64)}, {"n": "sum"}, grouped=True)
         order = order_key(batch, rows) if self.by_expert else None
-        for li, E in enumerate(batch.n_experts):
-            exp = batch.experts[li, rows]
-            routed = exp >= 0
-            keys = (x[:, None] * int(E) + exp)[routed]
-            columns, reducers = {"count": np.ones(len(keys), np.int64)}, {"count": "sum"}
-            if order is not None:
-                columns["first"], reducers["first"] = order[:, : exp.shape[1]][routed], "min"
-            layers.append(Keyed(keys, columns, reducers).grouped())
-        return {"n_x": n_x.grouped(), "layers": layers}
+        layers = [token_expert_table(batch.experts[li, rows], int(E), ids, code, order) for li, E in enumerate(batch.n_experts)]
+        return {"n_x": n_x, "layers": layers}
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
         from moelens.analysis.summaries import token_expert_counts
