@@ -83,6 +83,37 @@ class Chunked:
         return None
 
 
+@dataclass(frozen=True)
+class Fused(Chunked):
+    """Several scores' partials (a tuple, in order) from one pass: each batch is read once for all of them.
+    From the summaries only when every part finishes from them."""
+
+    parts: tuple[Chunked, ...]
+
+    def __post_init__(self) -> None:
+        if any(p.paired or p.logits_layer is not None for p in self.parts):
+            raise ValueError("Fused takes unpaired scores that need no router logits")
+        object.__setattr__(self, "text", any(p.text for p in self.parts))
+
+    def prepare(self, ctx: Context) -> Fused:
+        return Fused(tuple(p.prepare(ctx) for p in self.parts))
+
+    def map(self, batch: Any) -> tuple[Any, ...]:
+        return tuple(p.map(batch) for p in self.parts)
+
+    def merge(self, a: Any, b: Any) -> tuple[Any, ...]:
+        return tuple(p.merge(x, y) for p, x, y in zip(self.parts, a, b))
+
+    def from_summaries(self, store: Any, ctx: Context) -> Any:
+        partials = []
+        for p in self.parts:
+            partial = p.from_summaries(store, replace(ctx, chunked=p))
+            if partial is None:
+                return None
+            partials.append(partial)
+        return tuple(partials)
+
+
 class Low:
     """A partial merged by element-wise minimum."""
 

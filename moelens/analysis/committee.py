@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import HOW_OPTIONS, Chunked, Context, High, Low, compute_partial
+from moelens.analysis.chunked import HOW_OPTIONS, Chunked, Context, Fused, High, Low, compute_partial
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.errors import InputError
 
@@ -148,12 +148,16 @@ def _lists(
     source: Any, run: int | None, eci: str, list_length: int | None, unit: str, decimals: int | None, phase: str | None, how: Any
 ) -> tuple[pd.DataFrame, RoutingData]:
     """Stage I lists and the run's token-free metadata."""
+    _check(eci, unit)
+    stats, ctx = compute_partial(EciStats(unit), source, run, phase=phase, **how)
+    return _lists_table(stats, ctx.meta, eci, list_length, decimals), ctx.meta
+
+
+def _check(eci: str, unit: str) -> None:
     if eci not in ECI_VARIANTS:
         raise InputError(f"eci must be one of {ECI_VARIANTS}, not {eci!r}")
     if unit not in UNITS:
         raise InputError(f"unit must be one of {UNITS}, not {unit!r}")
-    stats, ctx = compute_partial(EciStats(unit), source, run, phase=phase, **how)
-    return _lists_table(stats, ctx.meta, eci, list_length, decimals), ctx.meta
 
 
 def reference_pool(max_expert_id: int) -> int:
@@ -289,6 +293,13 @@ def standing_committee(
     layer. Per layer: committee (expert ids, by μ), size, avg_mu, avg_sigma_sq, coverage, ratio,
     ratio_reference_pool (the reference's guessed E). Needs at least one label."""
     lists, data = _lists(source, run, eci, list_length, unit, decimals, phase, how)
+    return _audited(lists, data, eci, list_length, presence_ratio, unit, decimals)
+
+
+def _audited(
+    lists: pd.DataFrame, data: RoutingData, eci: str, list_length: int | None, presence_ratio: float, unit: str, decimals: int | None
+) -> pd.DataFrame:
+    """`standing_committee`'s table from Stage I lists."""
     if lists.empty:
         raise InputError(
             f"no labelled units to profile (unit={unit!r}): the standing committee needs labelled sequences"
@@ -329,6 +340,10 @@ class ShareCounts(Chunked):
         return {"n_units": n[:D], "counts": [a[:D] for a in counts], "mass": [a[:D] for a in mass]}
 
 
+#: `standing_committee`'s parameters and defaults (the committee `committee_share` computes when given none).
+_COMMITTEE_DEFAULTS: dict[str, Any] = {"eci": "minmax", "list_length": None, "presence_ratio": 0.8, "unit": "last_prompt_token", "decimals": 4}
+
+
 def committee_share(
     source: Any,
     run: int | None = None,
@@ -343,10 +358,17 @@ def committee_share(
     {layer: [experts]}; by default it is computed with ``committee_params`` (a second pass). [moelens]
     (the paper's "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
     how = {k: committee_params.pop(k) for k in list(committee_params) if k in HOW_OPTIONS}
-    if committee is None:
-        committee = standing_committee(source, run, phase=phase, **committee_params, **how)
+    if committee is None:  # the committee's Stage I statistics and the shares from one pass
+        params = {**_COMMITTEE_DEFAULTS, **committee_params}
+        if unknown := set(params) - set(_COMMITTEE_DEFAULTS):
+            raise InputError(f"committee_share: unknown committee parameters {sorted(unknown)}; known: {sorted(_COMMITTEE_DEFAULTS)}")
+        _check(params["eci"], params["unit"])
+        (stats, partial), ctx = compute_partial(Fused((EciStats(params["unit"]), ShareCounts(unit))), source, run, phase=phase, **how)
+        lists = _lists_table(stats, ctx.meta, params["eci"], params["list_length"], params["decimals"])
+        committee = _audited(lists, ctx.meta, **params)
+    else:
+        partial, ctx = compute_partial(ShareCounts(unit), source, run, phase=phase, **how)
     members = dict(zip(committee["layer"], committee["committee"])) if isinstance(committee, pd.DataFrame) else dict(committee)
-    partial, ctx = compute_partial(ShareCounts(unit), source, run, phase=phase, **how)
     data = ctx.meta
     D = len(data.label_names)
     frames = []
