@@ -62,7 +62,7 @@ class CoactivationCounts(Chunked):
         }
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        from moelens.analysis.summaries import coactivation_counts
+        from moelens.analysis.summary_partials import coactivation_counts
 
         return coactivation_counts(store, ctx) if self.variant == "all" else None
 

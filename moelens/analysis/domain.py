@@ -42,7 +42,7 @@ class DomainCounts(Chunked):
         }
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        from moelens.analysis.summaries import domain_counts
+        from moelens.analysis.summary_partials import domain_counts
 
         return domain_counts(store, ctx, self.top1)
 

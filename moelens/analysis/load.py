@@ -33,7 +33,7 @@ class ExpertCounts(Chunked):
         }  # fmt: skip
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        from moelens.analysis.summaries import expert_counts
+        from moelens.analysis.summary_partials import expert_counts
 
         return expert_counts(store, ctx, self.by_label)
 

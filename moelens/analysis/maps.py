@@ -65,7 +65,7 @@ class ProfileCounts(Chunked):
         """Label profiles are the run's label × expert counts: the ``expert_counts`` summary holds them."""
         if self.features is not None:
             return None
-        from moelens.analysis.summaries import domain_counts
+        from moelens.analysis.summary_partials import domain_counts
 
         counts = domain_counts(store, ctx, top1=False)
         return None if counts is None else {"n_d": counts["n_d"], "by_label": counts["by_label"], "count": counts["overall"]}

@@ -19,6 +19,8 @@ two tokens' phases differ; ``label`` NULL = unlabelled):
 * ``committee_units``: layer, label, phase (always prompt), expert, n_units, count, gate_mass, gate_max,
   gate_min — the CommitteeAudit statistics over each labelled sequence's last prompt token, every expert of
   every label with units (``gate_max`` 0 / ``gate_min`` +inf where never selected).
+
+This module writes them; scores read them back as partials through `moelens.analysis.summary_partials`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ import pyarrow as pa
 
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
-from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, NeedsFullPass, compute_partial
+from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, compute_partial
 from moelens.analysis.coactivation import grouped_pair_counts
 from moelens.analysis.committee import eci_stats, unit_tokens
 from moelens.analysis.data import PHASES, RoutingData
 from moelens.analysis.repetition import first_choice_repeats
 from moelens.analysis.vocabulary import order_key, token_expert_table
-from moelens.store.schema import summary_table
 
 NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units")
 
@@ -177,138 +178,3 @@ def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
     ids, n = partial["token_ids"].table()
     out["token_ids"] = cols(phase=phases[ids % _P], token_id=(ids // _P).astype(np.int32), n=n["n"])
     return {name: out[name] for name in NAMES}
-
-
-# -- partials of scores, rebuilt from stored summaries ---------------------------------------------------
-
-
-def _read(store: Any, ctx: Context, name: str) -> Any:
-    """A summary as a DataFrame restricted to the context's phase, or None when not materialised (or the
-    store cannot hold summaries)."""
-    if not hasattr(store, "read_summary") or ctx.meta.origin is None:
-        return None
-    table = store.read_summary(ctx.meta.origin.run_id, name)
-    if table is None:
-        return None
-    df = table.to_pandas()
-    phase = ctx.meta.phase_filter
-    return df if phase is None else df[df["phase"] == phase]
-
-
-def check_budget(store: Any, ctx: Context, name: str) -> None:
-    """Refuse (`NeedsFullPass`) to read a whole summary of more rows than the caller's pass budget: the per token
-    id tables of a big run hold tens of millions of rows, as long to read as a pass over the routing (the others
-    are bounded by layers × experts², whatever the run's size, and are always read)."""
-    if ctx.max_pass_slots is None or ctx.meta.origin is None:
-        return
-    found = store.query("SELECT n_rows FROM summaries WHERE run_id = ? AND name = ?", [int(ctx.meta.origin.run_id), name])
-    rows = int(found["n_rows"].iloc[0]) if len(found) else 0
-    if rows > ctx.max_pass_slots:
-        raise NeedsFullPass(f"{type(ctx.chunked).__name__} (from the {rows:,}-row summary {name})", ctx.n_tokens, rows, 1, "summary rows")
-
-
-def _label_codes(df: Any, data: RoutingData) -> np.ndarray:
-    """Label code of each row, D for unlabelled."""
-    names = {name: i for i, name in enumerate(data.label_names)}
-    return np.array([names.get(v, len(names)) if isinstance(v, str) else len(names) for v in df["label"]], np.int64)
-
-
-def _layer_arrays(df: Any, data: RoutingData, groups: np.ndarray, n_groups: int, column: str, dtype: Any) -> list[np.ndarray]:
-    out = []
-    for li, layer in enumerate(data.layer_ids):
-        E = int(data.n_experts[li])
-        here = (df["layer"] == layer).to_numpy()
-        arr = np.zeros((n_groups, E), dtype)
-        np.add.at(arr, (groups[here], df["expert"].to_numpy()[here].astype(np.int64)), df[column].to_numpy()[here])
-        out.append(arr)
-    return out
-
-
-def expert_counts(store: Any, ctx: Context, by_label: bool) -> Any:
-    """`moelens.analysis.load.ExpertCounts`'s partial from ``expert_counts`` and ``tokens``."""
-    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
-    if counts is None or tokens is None:
-        return None
-    D = len(ctx.meta.label_names)
-    n_groups = D + 1 if by_label else 1
-    group = _label_codes(counts, ctx.meta) if by_label else np.zeros(len(counts), np.int64)
-    tok_group = _label_codes(tokens, ctx.meta) if by_label else np.zeros(len(tokens), np.int64)
-    return {
-        "n_tok": np.bincount(tok_group, weights=tokens["n_tokens"].to_numpy(), minlength=n_groups).astype(np.int64),
-        "count": _layer_arrays(counts, ctx.meta, group, n_groups, "count", np.int64),
-        "mass": _layer_arrays(counts, ctx.meta, group, n_groups, "gate_mass", np.float64),
-    }
-
-
-def domain_counts(store: Any, ctx: Context, top1: bool) -> Any:
-    """`moelens.analysis.domain.DomainCounts`'s partial from ``expert_counts`` and ``tokens``."""
-    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
-    if counts is None or tokens is None:
-        return None
-    D = len(ctx.meta.label_names)
-    column = "top1" if top1 else "count"
-    by_label = _layer_arrays(counts, ctx.meta, _label_codes(counts, ctx.meta), D + 1, column, np.int64)
-    overall = _layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, column, np.int64)
-    n_d = np.bincount(_label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
-    return {"n_d": n_d[:D], "by_label": [a[:D] for a in by_label], "overall": [a[0] for a in overall]}
-
-
-def coactivation_counts(store: Any, ctx: Context) -> Any:
-    """`moelens.analysis.coactivation.CoactivationCounts`'s partial (all pairs) from the summaries."""
-    pairs, counts, tokens = _read(store, ctx, "coactivation"), _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
-    if pairs is None or counts is None or tokens is None:
-        return None
-    n = _layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, "count", np.int64)
-    n_ij = []
-    for li, layer in enumerate(ctx.meta.layer_ids):
-        E = int(ctx.meta.n_experts[li])
-        here = pairs[pairs["layer"] == layer]
-        square = np.zeros((E, E), np.int64)
-        np.add.at(square, (here["expert_i"].to_numpy().astype(np.int64), here["expert_j"].to_numpy().astype(np.int64)), here["n_ij"].to_numpy())
-        n_ij.append(square + square.T)
-    return {"n_tokens": int(tokens["n_tokens"].sum()), "n": [a[0] for a in n], "n_ij": n_ij}
-
-
-def transition_counts_of(store: Any, ctx: Context, top1: bool) -> Any:
-    """`moelens.analysis.transitions.TransitionCounts`'s partial from ``transitions``."""
-    rows = _read(store, ctx, "transitions")
-    if rows is None:
-        return None
-    out = []
-    for li in range(ctx.meta.n_layers - 1):
-        E, E2 = int(ctx.meta.n_experts[li]), int(ctx.meta.n_experts[li + 1])
-        here = rows[rows["layer"] == ctx.meta.layer_ids[li]]
-        counts = np.zeros((E, E2), np.int64)
-        np.add.at(counts, (here["expert"].to_numpy().astype(np.int64), here["next_expert"].to_numpy().astype(np.int64)), here["top1" if top1 else "all_slots"].to_numpy())
-        out.append(counts)
-    return out
-
-
-def token_expert_counts(store: Any, ctx: Context) -> Any:
-    """`moelens.analysis.vocabulary.TokenExpertCounts`'s partial (input target) from ``token_experts`` and
-    ``token_ids``, holding per (layer, token id) only the cell `finish` reads: the expert with the most routed
-    slots (ties: the one seen first), computed in SQL over the stored rows (memory bounded by DuckDB's, not by
-    the tens of millions of cells of a big run). Phases are pooled unless the context filters one."""
-    if ctx.meta.origin is None or not {"token_experts", "token_ids"} <= set(store.summary_names(ctx.meta.origin.run_id)):
-        return None
-    check_budget(store, ctx, "token_experts")
-    run, phase = int(ctx.meta.origin.run_id), ctx.meta.phase_filter
-    where, args = ("run_id = ?", [run]) if phase is None else ("run_id = ? AND phase = ?", [run, phase])
-    ids = store.arrow(f"SELECT token_id, sum(n) AS n FROM {summary_table('token_ids')} WHERE {where} GROUP BY token_id ORDER BY token_id", args)
-    phases = store.query(f"SELECT count(DISTINCT coalesce(phase, '')) AS n FROM {summary_table('token_ids')} WHERE {where}", args)
-    cells = (f"(SELECT layer, token_id, expert, sum(count) AS n, min(first_at) AS first FROM {summary_table('token_experts')} "
-             f"WHERE {where} GROUP BY ALL)") if int(phases["n"].iloc[0]) > 1 else (  # one phase: a cell is one row
-             f"(SELECT layer, token_id, expert, count AS n, first_at AS first FROM {summary_table('token_experts')} WHERE {where})")
-    rank = "-n * (1::HUGEINT << 64) + first"  # most slots first, then the earliest first slot
-    top = store.arrow(f"SELECT layer, token_id, arg_min(expert, {rank}) AS expert, max(n) AS n, arg_min(first, {rank}) AS first "
-                      f"FROM {cells} GROUP BY layer, token_id ORDER BY layer, token_id", args)
-    n_x = Keyed(ids.column("token_id").to_numpy().astype(np.int64), {"n": ids.column("n").to_numpy().astype(np.int64)}, {"n": "sum"}, grouped=True)
-    layer = top.column("layer").to_numpy()
-    token, expert = top.column("token_id").to_numpy().astype(np.int64), top.column("expert").to_numpy().astype(np.int64)
-    count, first = top.column("n").to_numpy().astype(np.int64), top.column("first").to_numpy().astype(np.int64)
-    layers = []
-    for li, lid in enumerate(ctx.meta.layer_ids):
-        here = layer == lid
-        E = int(ctx.meta.n_experts[li])
-        layers.append(Keyed(token[here] * E + expert[here], {"count": count[here], "first": first[here]}, {"count": "sum", "first": "min"}, grouped=True))
-    return {"n_x": n_x, "layers": layers}

@@ -1,4 +1,4 @@
-"""Partials of the label/token-set scores rebuilt from a run's derived summaries (`moelens.analysis.summaries`).
+"""Partials of scores rebuilt from a run's derived summaries (written by `moelens.analysis.summaries`).
 
 Why a module of its own: each function here returns exactly the merged partial that the score's ``map`` over
 every batch would have produced (integers equal, float sums up to rounding), so ``finish`` cannot tell the
@@ -15,20 +15,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low
-from moelens.analysis.summaries import _layer_arrays, _read
+from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low, NeedsFullPass
+from moelens.analysis.data import RoutingData
+from moelens.store.schema import summary_table
 
 
 def label_tables(store: Any, ctx: Context, *columns: str) -> tuple[np.ndarray, list[list[np.ndarray]]] | None:
     """([D + 1] tokens per label code, for each of ``columns`` (default ``count``) of ``expert_counts`` per
     layer [D + 1, E]); code D = unlabelled. None when a summary is missing."""
-    counts, tokens = _read(store, ctx, "expert_counts"), _read(store, ctx, "tokens")
+    counts, tokens = read(store, ctx, "expert_counts"), read(store, ctx, "tokens")
     if counts is None or tokens is None:
         return None
     D = len(ctx.meta.label_names)
     n = np.bincount(label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
     codes = label_codes(counts, ctx.meta)
-    return n, [_layer_arrays(counts, ctx.meta, codes, D + 1, c, np.float64 if c == "gate_mass" else np.int64) for c in columns or ("count",)]
+    return n, [layer_arrays(counts, ctx.meta, codes, D + 1, c, np.float64 if c == "gate_mass" else np.int64) for c in columns or ("count",)]
 
 
 def label_codes(df: Any, data: Any) -> np.ndarray:
@@ -56,8 +57,6 @@ def token_set_counts(store: Any, ctx: Context, ids: Sequence[int], layers: Seque
     """(positions whose token id is in ``ids``, per layer position in ``layers`` ``[E]`` routed slots of
     those positions), from ``token_ids`` and ``token_experts`` — two grouped queries that read only those
     ids' rows (``token_experts`` is the largest summary: rows per layer × token id × expert)."""
-    from moelens.store.schema import summary_table
-
     run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
     if run is None or not {"token_experts", "token_ids"} <= store.summary_names(run):
         return None
@@ -98,7 +97,7 @@ def label_rows(n_tokens: np.ndarray, per_layer: list[np.ndarray], label: int | N
 
 def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int] | None:
     """(summary ``name``'s rows, their label codes (D = unlabelled), D), or None when not materialised."""
-    rows = _read(store, ctx, name)
+    rows = read(store, ctx, name)
     return None if rows is None else (rows, label_codes(rows, ctx.meta), len(ctx.meta.label_names))
 
 
@@ -130,8 +129,6 @@ def top_tokens(store: Any, ctx: Context, layer: int, expert: int, n: int, n_cont
     and for the top ``n`` ids only their totals and first text (``tokens``) and their first ``n_contexts``
     routed occurrences, searched from the start of the run in growing seq_id windows of ``routing`` (the
     frequent ids are found in the first few sequences), with their context from ``tokens``."""
-    from moelens.store.schema import summary_table
-
     run = ctx.meta.origin.run_id if ctx.meta.origin is not None else None
     if run is None or ctx.meta.phase_filter is not None or "token_experts" not in store.summary_names(run):
         return None
@@ -193,3 +190,129 @@ def _contexts(store: Any, ctx: Context, run: int, layer: int, expert: int, ids: 
             context = "".join(toks[a:at]) + "⟦" + str(toks[at]) + "⟧" + "".join(toks[at + 1 : b])
             out.setdefault(t, []).append(((s << 32) | p, context))
     return out
+
+
+def read(store: Any, ctx: Context, name: str) -> Any:
+    """A summary as a DataFrame restricted to the context's phase, or None when not materialised (or the
+    store cannot hold summaries)."""
+    if not hasattr(store, "read_summary") or ctx.meta.origin is None:
+        return None
+    table = store.read_summary(ctx.meta.origin.run_id, name)
+    if table is None:
+        return None
+    df = table.to_pandas()
+    phase = ctx.meta.phase_filter
+    return df if phase is None else df[df["phase"] == phase]
+
+
+def check_budget(store: Any, ctx: Context, name: str) -> None:
+    """Refuse (`NeedsFullPass`) to read a whole summary of more rows than the caller's pass budget: the per token
+    id tables of a big run hold tens of millions of rows, as long to read as a pass over the routing (the others
+    are bounded by layers × experts², whatever the run's size, and are always read)."""
+    if ctx.max_pass_slots is None or ctx.meta.origin is None:
+        return
+    found = store.query("SELECT n_rows FROM summaries WHERE run_id = ? AND name = ?", [int(ctx.meta.origin.run_id), name])
+    rows = int(found["n_rows"].iloc[0]) if len(found) else 0
+    if rows > ctx.max_pass_slots:
+        raise NeedsFullPass(f"{type(ctx.chunked).__name__} (from the {rows:,}-row summary {name})", ctx.n_tokens, rows, 1, "summary rows")
+
+
+def layer_arrays(df: Any, data: RoutingData, groups: np.ndarray, n_groups: int, column: str, dtype: Any) -> list[np.ndarray]:
+    out = []
+    for li, layer in enumerate(data.layer_ids):
+        E = int(data.n_experts[li])
+        here = (df["layer"] == layer).to_numpy()
+        arr = np.zeros((n_groups, E), dtype)
+        np.add.at(arr, (groups[here], df["expert"].to_numpy()[here].astype(np.int64)), df[column].to_numpy()[here])
+        out.append(arr)
+    return out
+
+
+def expert_counts(store: Any, ctx: Context, by_label: bool) -> Any:
+    """`moelens.analysis.load.ExpertCounts`'s partial from ``expert_counts`` and ``tokens``."""
+    counts, tokens = read(store, ctx, "expert_counts"), read(store, ctx, "tokens")
+    if counts is None or tokens is None:
+        return None
+    D = len(ctx.meta.label_names)
+    n_groups = D + 1 if by_label else 1
+    group = label_codes(counts, ctx.meta) if by_label else np.zeros(len(counts), np.int64)
+    tok_group = label_codes(tokens, ctx.meta) if by_label else np.zeros(len(tokens), np.int64)
+    return {
+        "n_tok": np.bincount(tok_group, weights=tokens["n_tokens"].to_numpy(), minlength=n_groups).astype(np.int64),
+        "count": layer_arrays(counts, ctx.meta, group, n_groups, "count", np.int64),
+        "mass": layer_arrays(counts, ctx.meta, group, n_groups, "gate_mass", np.float64),
+    }
+
+
+def domain_counts(store: Any, ctx: Context, top1: bool) -> Any:
+    """`moelens.analysis.domain.DomainCounts`'s partial from ``expert_counts`` and ``tokens``."""
+    counts, tokens = read(store, ctx, "expert_counts"), read(store, ctx, "tokens")
+    if counts is None or tokens is None:
+        return None
+    D = len(ctx.meta.label_names)
+    column = "top1" if top1 else "count"
+    by_label = layer_arrays(counts, ctx.meta, label_codes(counts, ctx.meta), D + 1, column, np.int64)
+    overall = layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, column, np.int64)
+    n_d = np.bincount(label_codes(tokens, ctx.meta), weights=tokens["n_tokens"].to_numpy(), minlength=D + 1).astype(np.int64)
+    return {"n_d": n_d[:D], "by_label": [a[:D] for a in by_label], "overall": [a[0] for a in overall]}
+
+
+def coactivation_counts(store: Any, ctx: Context) -> Any:
+    """`moelens.analysis.coactivation.CoactivationCounts`'s partial (all pairs) from the summaries."""
+    pairs, counts, tokens = read(store, ctx, "coactivation"), read(store, ctx, "expert_counts"), read(store, ctx, "tokens")
+    if pairs is None or counts is None or tokens is None:
+        return None
+    n = layer_arrays(counts, ctx.meta, np.zeros(len(counts), np.int64), 1, "count", np.int64)
+    n_ij = []
+    for li, layer in enumerate(ctx.meta.layer_ids):
+        E = int(ctx.meta.n_experts[li])
+        here = pairs[pairs["layer"] == layer]
+        square = np.zeros((E, E), np.int64)
+        np.add.at(square, (here["expert_i"].to_numpy().astype(np.int64), here["expert_j"].to_numpy().astype(np.int64)), here["n_ij"].to_numpy())
+        n_ij.append(square + square.T)
+    return {"n_tokens": int(tokens["n_tokens"].sum()), "n": [a[0] for a in n], "n_ij": n_ij}
+
+
+def transition_counts_of(store: Any, ctx: Context, top1: bool) -> Any:
+    """`moelens.analysis.transitions.TransitionCounts`'s partial from ``transitions``."""
+    rows = read(store, ctx, "transitions")
+    if rows is None:
+        return None
+    out = []
+    for li in range(ctx.meta.n_layers - 1):
+        E, E2 = int(ctx.meta.n_experts[li]), int(ctx.meta.n_experts[li + 1])
+        here = rows[rows["layer"] == ctx.meta.layer_ids[li]]
+        counts = np.zeros((E, E2), np.int64)
+        np.add.at(counts, (here["expert"].to_numpy().astype(np.int64), here["next_expert"].to_numpy().astype(np.int64)), here["top1" if top1 else "all_slots"].to_numpy())
+        out.append(counts)
+    return out
+
+
+def token_expert_counts(store: Any, ctx: Context) -> Any:
+    """`moelens.analysis.vocabulary.TokenExpertCounts`'s partial (input target) from ``token_experts`` and
+    ``token_ids``, holding per (layer, token id) only the cell `finish` reads: the expert with the most routed
+    slots (ties: the one seen first), computed in SQL over the stored rows (memory bounded by DuckDB's, not by
+    the tens of millions of cells of a big run). Phases are pooled unless the context filters one."""
+    if ctx.meta.origin is None or not {"token_experts", "token_ids"} <= set(store.summary_names(ctx.meta.origin.run_id)):
+        return None
+    check_budget(store, ctx, "token_experts")
+    run, phase = int(ctx.meta.origin.run_id), ctx.meta.phase_filter
+    where, args = ("run_id = ?", [run]) if phase is None else ("run_id = ? AND phase = ?", [run, phase])
+    ids = store.arrow(f"SELECT token_id, sum(n) AS n FROM {summary_table('token_ids')} WHERE {where} GROUP BY token_id ORDER BY token_id", args)
+    phases = store.query(f"SELECT count(DISTINCT coalesce(phase, '')) AS n FROM {summary_table('token_ids')} WHERE {where}", args)
+    cells = (f"(SELECT layer, token_id, expert, sum(count) AS n, min(first_at) AS first FROM {summary_table('token_experts')} "
+             f"WHERE {where} GROUP BY ALL)") if int(phases["n"].iloc[0]) > 1 else (  # one phase: a cell is one row
+             f"(SELECT layer, token_id, expert, count AS n, first_at AS first FROM {summary_table('token_experts')} WHERE {where})")
+    rank = "-n * (1::HUGEINT << 64) + first"  # most slots first, then the earliest first slot
+    top = store.arrow(f"SELECT layer, token_id, arg_min(expert, {rank}) AS expert, max(n) AS n, arg_min(first, {rank}) AS first "
+                      f"FROM {cells} GROUP BY layer, token_id ORDER BY layer, token_id", args)
+    n_x = Keyed(ids.column("token_id").to_numpy().astype(np.int64), {"n": ids.column("n").to_numpy().astype(np.int64)}, {"n": "sum"}, grouped=True)
+    layer = top.column("layer").to_numpy()
+    token, expert = top.column("token_id").to_numpy().astype(np.int64), top.column("expert").to_numpy().astype(np.int64)
+    count, first = top.column("n").to_numpy().astype(np.int64), top.column("first").to_numpy().astype(np.int64)
+    layers = []
+    for li, lid in enumerate(ctx.meta.layer_ids):
+        here = layer == lid
+        E = int(ctx.meta.n_experts[li])
+        layers.append(Keyed(token[here] * E + expert[here], {"count": count[here], "first": first[here]}, {"count": "sum", "first": "min"}, grouped=True))
+    return {"n_x": n_x, "layers": layers}

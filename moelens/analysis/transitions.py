@@ -47,7 +47,7 @@ class TransitionCounts(Chunked):
         return [transition_counts(batch, li, self.top1) for li in range(batch.n_layers - 1)]
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        from moelens.analysis.summaries import transition_counts_of
+        from moelens.analysis.summary_partials import transition_counts_of
 
         return transition_counts_of(store, ctx, self.top1)
 

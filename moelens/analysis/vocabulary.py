@@ -97,7 +97,7 @@ class TokenExpertCounts(Chunked):
         return {"n_x": n_x, "layers": layers}
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        from moelens.analysis.summaries import token_expert_counts
+        from moelens.analysis.summary_partials import token_expert_counts
 
         return token_expert_counts(store, ctx) if self.target == "input" else None
 
