@@ -33,15 +33,18 @@ LAYERS, EXPERTS, TOP_K, SEQ_LEN = 48, 128, 8, 512
 CHUNK = 1 << 16  # tokens generated and appended at a time (bounded memory while writing)
 DISTINCT = 2  # distinct generated chunks
 
-#: score -> parameters (defaults otherwise); token_map needs router logits and is left out.
+#: score -> parameters (defaults otherwise).
 SCORES: dict[str, dict[str, Any]] = {
     "expert_load": {}, "layer_balance": {}, "domain_specialization": {}, "domain_summary": {},
     "vocabulary_specialization": {}, "vocabulary_by_expert": {}, "expert_top_tokens": {"layer": 20, "expert": 5},
     "coactivation": {}, "cross_layer_transitions": {}, "cross_layer_consistency": {}, "repetition": {}, "srp": {},
     "sch": {}, "run_agreement": {"run_b": "SELF"}, "standing_committee": {}, "committee_share": {},
     "npmi": {"tokens": [1, 2, 3]}, "npmi_combined": {"targets": [[1, {"tokens": [1]}], [-1, {"label": "domain1"}]]},
-    "risk_difference": {"label_a": "domain0", "label_b": "domain1"}, "expert_map": {},
+    "risk_difference": {"label_a": "domain0", "label_b": "domain1"}, "expert_map": {}, "experts_per_token": {},
+    "frequency": {},
 }  # fmt: skip
+#: Not measured: they read what a synthetic trace has none of (router logits: token_map, router_stats,
+#: router_token_stats; expert output norms: reap, ean, man, easy_ep, esft; shared-expert gates: shared_expert_stats).
 FROM_SUMMARIES = ("expert_load", "layer_balance", "domain_specialization", "coactivation", "cross_layer_transitions", "vocabulary_specialization")
 
 SQL = {
