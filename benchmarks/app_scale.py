@@ -136,7 +136,7 @@ def main() -> None:
         f"{args.layers} layers × {args.experts} experts, top-{args.top_k} ({args.tokens * args.layers * args.top_k:,} "
         f"routing rows, DuckDB file {size / 2**30:.2f} GiB for two runs) plus a perturbed copy for Compare; summaries "
         "(`moelens.analysis.summarize`: `summary_expert_counts`, `_tokens`, `_coactivation`, `_transitions`, `_token_experts`, "
-        "`_token_ids`, `_repetition`) stored for both runs. AppTest, caches cleared before each "
+        "`_token_ids`, `_repetition`, `_committee_units`) stored for both runs. AppTest, caches cleared before each "
         "timed render (imports warm). Goal: ≤ 2 s per page.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average "
