@@ -189,6 +189,21 @@ def test_store_path_in_batches_matches_the_reference(recorded, gate: str) -> Non
         assert row.easy_ep == pytest.approx(want_easy.get((row.layer, row.expert), 0.0), rel=1e-5, abs=1e-6)
 
 
+def test_frequency_reads_the_load_partial_and_equals_the_joined_rows(recorded) -> None:
+    """frequency comes from expert_load's partial (summaries or a bounded stream), not from the joined rows the
+    norm-based scores read: the same counts and gate mass either way, per label and phase too."""
+    store, run, _ = recorded
+    for params in ({}, {"label": "code"}, {"phase": "prompt"}):
+        joined = importance_sums(store, run, norms=True, **params)
+        for weighted, name in ((False, "count"), (True, "gate_mass")):
+            got = frequency(store, run, weighted=weighted, **params)
+            want = [joined.sums[name][li, e] for li in range(len(joined.layers)) for e in range(int(joined.n_experts[li]))]
+            np.testing.assert_allclose(got["frequency"].to_numpy(), want, rtol=1e-9)
+        assert got.attrs["params"]["n_tokens"] == joined.n_tokens
+    with pytest.raises(InputError, match="has no sequences labelled 'poetry'; its labels are: code, math, prose"):
+        frequency(store, run, label="poetry")
+
+
 def test_store_filters_and_clear_refusals(recorded) -> None:
     store, run, plain = recorded
     code = frequency(store, run, label="code")

@@ -170,11 +170,32 @@ def importance_sums(source: Source, run: int | None = None, *, gate: str = "used
     if not isinstance(source, TraceStore) or run is None:
         raise InputError("give a trace store and a run id (or a DataFrame of contribution rows)")
     layout = _layout(source, int(run))
+    if not norms and gate == "used":  # counts and gate mass only: expert_load's partial (summaries, or a stream)
+        return _routing_sums(source, int(run), layout, phase, label)
     total = ImportanceSums(layout.layers, layout.n_experts, layout.top_k)
     for rows, n_tokens in _batches(source, int(run), norms=norms, logits=gate != "used", phase=phase, label=label,
                                    batch_sequences=batch_sequences):
         total = total + map_rows(rows, layout, n_tokens=n_tokens, gate=gate)
     return total
+
+
+def _routing_sums(store: TraceStore, run: int, layout: ImportanceSums, phase: str | None, label: str | None) -> ImportanceSums:
+    """``count`` and ``gate_mass`` from `ExpertCounts` (the partial of ``expert_load``): it finishes from the
+    run's summaries when they exist and otherwise streams the run in bounded batches."""
+    from moelens.analysis.chunked import compute_partial
+    from moelens.analysis.load import ExpertCounts
+
+    partial, ctx = compute_partial(ExpertCounts(by_label=label is not None), store, run, phase=phase)
+    names = ctx.meta.label_names
+    if label is not None and label not in names:
+        raise InputError(f"run {run} has no sequences labelled {label!r}; its labels are: {', '.join(names) or 'none'}")
+    group = 0 if label is None else names.index(label)
+    out = ImportanceSums(layout.layers, layout.n_experts, layout.top_k, int(partial["n_tok"][group]))
+    for li in range(len(layout.layers)):
+        E = int(layout.n_experts[li])
+        out.sums["count"][li, :E] = partial["count"][li][group]
+        out.sums["gate_mass"][li, :E] = partial["mass"][li][group]
+    return out
 
 
 # -- finish: the scores ------------------------------------------------------------------------------------------
