@@ -27,6 +27,8 @@ from moelens.store import TraceStore
 #: optionally renormalised over the token's selected experts as CerebrasResearch/reap does with norm_topk_prob.
 GATES = ("used", "softmax", "softmax_renorm")
 ESFT_BY = ("gate", "token")
+#: Routing rows per batch of the joined reads (~100 bytes each in pandas with norms and cosines: ~400 MB).
+BATCH_ROWS = 1 << 22
 _SUMS = ("count", "gate_mass", "norm_sum", "gated_norm_sum", "easy_ep_sum")
 
 Source = TraceStore | pd.DataFrame
@@ -120,8 +122,9 @@ def _has_rows(store: TraceStore, table: str, run: int) -> bool:
 
 
 def _batches(store: TraceStore, run: int, *, norms: bool, logits: bool, phase: str | None, label: str | None,
-             batch_sequences: int) -> Iterator[tuple[pd.DataFrame, int]]:
-    """``(routed rows, tokens)`` for consecutive seq_id ranges of whole sequences, one bounded query each."""
+             batch_sequences: int | None) -> Iterator[tuple[pd.DataFrame, int]]:
+    """``(routed rows, tokens)`` for consecutive seq_id ranges of whole sequences, one bounded query each
+    (``batch_sequences`` per range; None: as many as hold about `BATCH_ROWS` routing rows)."""
     store.run(run)  # RunNotFoundError for a bad id
     if norms and not _has_rows(store, "expert_contributions", run):
         raise InputError(f"run {run} has no expert contributions: record it with --contributions (contributions=True)")
@@ -143,6 +146,9 @@ def _batches(store: TraceStore, run: int, *, norms: bool, logits: bool, phase: s
         where.append("t.seq_id IN (SELECT seq_id FROM sequences WHERE run_id = t.run_id AND label = ?)")
     extra = [v for v in (phase, label) if v is not None]
     n_seq = int(store.query("SELECT coalesce(max(seq_id) + 1, 0) AS n FROM sequences WHERE run_id = ?", [run])["n"][0])
+    if batch_sequences is None:
+        rows = int(store.query("SELECT count(*) AS n FROM routing WHERE run_id = ?", [run])["n"][0])
+        batch_sequences = max(1, BATCH_ROWS * max(n_seq, 1) // max(rows, 1))
     token_sql = f"SELECT t.run_id, t.seq_id, t.pos FROM tokens t WHERE {' AND '.join(where)}"
     rows_sql = (f"SELECT {', '.join(cols)} FROM ({token_sql}) t JOIN routing r USING (run_id, seq_id, pos) "
                 f"{' '.join(joins)} WHERE r.expert >= 0 AND r.weight > 0")
@@ -154,7 +160,7 @@ def _batches(store: TraceStore, run: int, *, norms: bool, logits: bool, phase: s
 
 
 def importance_sums(source: Source, run: int | None = None, *, gate: str = "used", norms: bool = True,
-                    phase: str | None = None, label: str | None = None, batch_sequences: int = 256,
+                    phase: str | None = None, label: str | None = None, batch_sequences: int | None = None,
                     layout: ImportanceSums | None = None) -> ImportanceSums:
     """Map every batch and merge: the run's (or an in-memory rows frame's) `ImportanceSums`."""
     if gate not in GATES:
