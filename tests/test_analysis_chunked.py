@@ -152,6 +152,36 @@ def test_store_streamed_in_small_batches_equals_arrays(store: TraceStore) -> Non
     assert len({int(s) for b in batches for s in np.unique(b.seq_id)}) == sum(len(np.unique(b.seq_id)) for b in batches)  # whole sequences
 
 
+#: Scores of `STORE_SCORES` that compare labels (a label filter leaves one: refused).
+COMPARE_LABELS = ("domain_summary", "domain_specialization", "standing_committee", "committee_share", "risk_difference")
+
+
+def test_label_filter_streams_that_labels_sequences_alone(store: TraceStore) -> None:
+    """``only_label`` = the score of the run restricted to one label's tokens (`RoutingData.select`), streamed,
+    with the summaries present but not used (they hold the whole run) and no other sequence read."""
+    run, data = _synthetic_run(store)
+    summarize(store, run)
+    code = data.label_names.index("domain1")
+    sub = data.select(data.label == code)
+    assert 0 < sub.n_tokens < data.n_tokens / 2
+    A.clear_cache()
+    for name, params in STORE_SCORES.items():
+        if name in COMPARE_LABELS:
+            with pytest.raises(InputError, match="compares sequence labels"):
+                A.run_score(store, run, name, only_label="domain1", **params)
+            continue
+        want = A.SCORES[name].function(sub, **params)
+        assert_same(A.run_score(store, run, name, target_slots=2000, only_label="domain1", **params), want, name)
+        assert_same(A.SCORES[name].function(data, only_label="domain1", **params), want, f"{name} in memory")
+    A.clear_cache()
+    with pytest.raises(A.NeedsFullPass) as needed:  # the pass it would start reads that label's tokens only
+        A.coactivation(store, run, only_label="domain1", max_pass_slots=0)
+    assert needed.value.n_tokens == sub.n_tokens
+    assert len(A.coactivation(store, run, max_pass_slots=0))  # the whole run answers from its summaries
+    with pytest.raises(InputError, match="has no label 'nope'; its labels are"):
+        A.layer_balance(store, run, only_label="nope")
+
+
 def test_summaries_replace_the_routing_rows(store: TraceStore) -> None:
     run, data = _synthetic_run(store)
     tables = summarize(store, run)
@@ -210,6 +240,16 @@ def test_ray_engine_over_parquet_shards_equals_in_process(tmp_path, ray_cluster)
     single = TraceStore(tmp_path / "file.duckdb")
     with pytest.raises(InputError, match="Parquet"):
         A.expert_load(single, A.write_run(single, data), engine="ray")
+
+
+def test_ray_engine_label_filter_equals_in_process(tmp_path, ray_cluster) -> None:
+    data = A.synthetic(1800, 2, 8, 2, seed=9, seq_len=40, n_labels=3)
+    store = TraceStore(write_parquet_run(tmp_path / "dataset", data, run_id=2, n_shards=3))
+    sub = data.select(data.label == data.label_names.index("domain2"))
+    for name, params in {"coactivation": {}, "sch": {"lookahead": (4,)}, "srp": {"segment_lengths": (4,)}}.items():
+        A.clear_cache()
+        ray = A.run_score(store, 2, name, engine="ray", only_label="domain2", **params)
+        assert_same(ray, A.SCORES[name].function(sub, **params), name)
 
 
 def test_committee_orders_by_unrounded_eci() -> None:

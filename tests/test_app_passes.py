@@ -144,6 +144,23 @@ def test_bootstrap_and_label_filter_follow_the_budget(store: Path, tiny_budget: 
     assert any("its Compute button is above." in c.value for c in at.caption)  # the same result asked twice
 
 
+def test_label_filter_passes_over_that_label_alone(store: Path, tiny_budget: None) -> None:
+    """The Experts page's label filter: a pass over the label's tokens (not a load of the run) whose result is
+    the score of the run restricted to that label."""
+    s = TraceStore(store, read_only=True)
+    whole = analysis.RoutingData.from_store(s, 1)
+    math = whole.select(whole.label == whole.label_names.index("math"))
+    with pytest.raises(data.PassNeeded) as err:
+        data.analysis(str(store), "layer_balance", 1, only_label="math")
+    assert err.value.n_tokens == math.n_tokens < whole.n_tokens
+    seen: list[tuple[int, int]] = []
+    got = data.run_pass(err.value, lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1]
+    pd.testing.assert_frame_equal(got, analysis.layer_balance(math))
+    at = render("02_Experts", store, {"exp_scope": "math"})
+    assert not problems(at) and not any("`layer_balance` on label" in line for line, _ in offers(at))
+
+
 def test_an_interrupted_pass_keeps_nothing(store: Path, tiny_budget: None) -> None:
     db = str(store)
     with pytest.raises(data.PassNeeded) as err:

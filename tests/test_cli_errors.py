@@ -77,6 +77,17 @@ def test_label_score_on_an_unlabelled_run(store) -> None:
     assert moelens("analyze", "domain_specialization", "--run", "1", "--db", store, "--format", "csv").stdout.count("\n") > 1
 
 
+def test_label_filter(store) -> None:
+    every = moelens("analyze", "expert_load", "--run", "1", "--db", store, "--format", "csv").stdout
+    assert moelens("analyze", "expert_load", "--run", "1", "--label", "code", "--db", store, "--format", "csv").stdout == every
+    pruned = moelens("analyze", "frequency", "--run", "1", "-l", "code", "--db", store, "--format", "csv").stdout  # its own label=
+    assert pruned == moelens("analyze", "frequency", "--run", "1", "-p", "label=code", "--db", store, "--format", "csv").stdout
+    fails("analyze", "layer_balance", "--run", "1", "--label", "kode", "--db", store, expect="has no label 'kode'; its labels are ['code']")
+    fails("analyze", "domain_specialization", "--run", "1", "--label", "code", "--db", store, expect="compares sequence labels")
+    fails("analyze", "router_token_stats", "--run", "1", "-p", "layer=0", "-p", "seq_id=0", "--label", "code", "--db", store,
+          expect="takes no label filter")
+
+
 def test_run_agreement_without_shared_tokens(store) -> None:
     fails("analyze", "run_agreement", "--run", "2", "-p", "run_b=3", "--db", store, expect="share no tokens")
     out = moelens("analyze", "run_agreement", "--run", "2", "-p", "run_b=2", "--db", store, "--format", "csv").stdout

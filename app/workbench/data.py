@@ -267,7 +267,8 @@ def analysis(db: str, name: str, run: int, **params: Any) -> Any:
             return fn(store, run, **params, **_how(name, None, progress))
 
     size = None if takes_how(name) or bounded.shortcut(name, params) else run_size(db, run)
-    return within_budget(("analysis", db, key, name, run, frozen), f"`{name}`",
+    what = f"`{name}`" if params.get("only_label") is None else f"`{name}` on label {params['only_label']!r}"
+    return within_budget(("analysis", db, key, name, run, frozen), what,
                          lambda budget: _analysis(db, key, name, run, frozen, _budget=budget), full, size)
 
 

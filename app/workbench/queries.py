@@ -7,7 +7,6 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from moelens.errors import InputError
 from workbench.data import Progress, _freeze, batch, run_key, run_size, within_budget
 
 
@@ -103,28 +102,6 @@ def mispredicted(tokens: pd.DataFrame) -> tuple[set[int], int]:
     scored = before.notna() & (t["pos"].diff() == 1)
     wrong = scored & (before != t["token_id"])
     return {int(p) for p in t.loc[wrong, "pos"]}, int(scored.sum())
-
-
-def on_label(db: str, stamp: float, name: str, run: int, label: str, params: tuple) -> pd.DataFrame:
-    """``moelens.analysis.<name>`` over only the tokens of sequences labelled ``label`` (any score: it gets the
-    run's `RoutingData` restricted to those tokens), so a page's label filter reaches every section. It loads
-    the run, so a run over `data.pass_slots` raises `data.PassNeeded` instead."""
-    key = run_key(db, stamp, int(run))
-    compute = lambda: _on_label(db, key, name, int(run), label, params)  # noqa: E731
-    return within_budget(("on_label", db, key, name, int(run), label, params), f"`{name}` on label {label!r}",
-                         lambda _: compute(), _one_step(compute), run_size(db, int(run)))
-
-
-@st.cache_data(show_spinner=False, max_entries=128)
-def _on_label(db: str, key: tuple, name: str, run: int, label: str, params: tuple) -> pd.DataFrame:
-    import moelens.analysis as analysis
-
-    with batch(db) as store:
-        data = analysis.RoutingData.from_store(store, int(run))
-    if label not in data.label_names:
-        raise InputError(f"run {run} has no label {label!r}")
-    sub = data.select(data.label == data.label_names.index(label))
-    return getattr(analysis, name)(sub, **dict(params))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

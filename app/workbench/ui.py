@@ -128,13 +128,12 @@ class Page:
                                                                           **params), quiet=quiet)
 
     def call_on(self, name: str, label: str | None, **params: Any) -> Any:
-        """`call` over the tokens of one label only (``label=None``: every token)."""
+        """`call` over the tokens of one label only (``label=None``: every token): the score streams that label's
+        sequences alone (``only_label``), so a label filter costs a pass over that label, never the whole run."""
         if label is None:
             return self.call(name, **params)
-        from workbench import queries
-
         return guarded(name, f"Computing {name} for label {label!r} …",
-                       lambda: queries.on_label(str(self.db), self.stamp, name, self.run, label, queries._freeze(params)))
+                       lambda: data.analysis(str(self.db), name, self.run, only_label=label, **params))
 
     def call_ci(self, name: str, ci: dict[str, int] | None, **params: Any) -> Any:
         """`call`, with a bootstrap interval over sequences (``<value>_lo/_hi`` columns) when ``ci`` is set

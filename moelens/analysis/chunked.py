@@ -248,7 +248,8 @@ def compute(chunked: Chunked, source: Any, run: int | None = None, **options: An
 
     key = None
     if isinstance(source, TraceStore) and run is not None:
-        key = _result_key(chunked, source, int(run), options.get("phase"), options.get("source_b"), options.get("run_b"))
+        key = _result_key(chunked, source, int(run), options.get("phase"), options.get("source_b"), options.get("run_b"),
+                          options.get("only_label"))
     with _results_lock:
         if key is not None and key in _results:
             _results.move_to_end(key)
@@ -266,8 +267,10 @@ def compute(chunked: Chunked, source: Any, run: int | None = None, **options: An
 #: How a score runs rather than what it computes: accepted by every score function next to its parameters
 #: (``progress(done, total)`` is called after each streamed batch; ``max_pass_slots`` refuses, with
 #: `NeedsFullPass`, a streamed pass over more routing slots than that — what an interactive caller such as
-#: the app uses to put a long pass behind a button instead of starting it on its own).
-HOW_OPTIONS = ("engine", "address", "batches", "target_slots", "progress", "max_pass_slots")
+#: the app uses to put a long pass behind a button instead of starting it on its own; ``only_label`` scores
+#: the tokens of the sequences with that label alone, as if the run held nothing else, reading no other
+#: sequence from the store — a page's label filter, in the memory of one batch).
+HOW_OPTIONS = ("engine", "address", "batches", "target_slots", "progress", "max_pass_slots", "only_label")
 
 
 class NeedsFullPass(MoelensError):
@@ -293,11 +296,12 @@ def compute_partial(
     run_b: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_pass_slots: int | None = None,
+    only_label: str | None = None,
 ) -> tuple[Any, Context]:
     """The merged partial of a `Chunked` score and its `Context`, on a `RoutingData` (one batch, or ``batches`` sequences per batch) or a store's
     run (streamed in batches of ~``target_slots`` routing slots; ``engine="ray"`` maps the shards of a
     partitioned Parquet store on a Ray cluster at ``address``, None = a local one). Paired scores take the
-    second run as (``source_b``, ``run_b``). ``progress`` and ``max_pass_slots``: see `HOW_OPTIONS`."""
+    second run as (``source_b``, ``run_b``). ``progress``, ``max_pass_slots`` and ``only_label``: see `HOW_OPTIONS`."""
     from moelens.store import TraceStore
 
     check_phase(phase)
@@ -306,12 +310,13 @@ def compute_partial(
     if chunked.paired and source_b is None:
         raise InputError("give the second run: source_b (and run_b)")
     if isinstance(source, RoutingData) or isinstance(source_b, RoutingData):
-        return _in_memory(chunked, source, run, phase, batches, source_b, run_b)
+        return _in_memory(chunked, source, run, phase, batches, source_b, run_b, only_label)
     if not isinstance(source, TraceStore):
         raise TypeError(f"source must be a TraceStore or a RoutingData, not {type(source).__name__}")
     if run is None:
         raise InputError("give the run id: score(store, run, ...)")
-    return _streamed(chunked, source, int(run), phase, engine, address, target_slots, source_b, run_b, progress, max_pass_slots)
+    return _streamed(chunked, source, int(run), phase, engine, address, target_slots, source_b, run_b, progress, max_pass_slots,
+                     only_label)
 
 
 def context(source: Any, run: int | None = None, *, phase: str | None = None) -> Context:
@@ -335,6 +340,30 @@ def _data_context(data: RoutingData) -> Context:
     return Context(data.select(np.zeros(data.n_tokens, bool)), data.n_tokens, sequences)
 
 
+def label_sequences(ctx: Context, label: str | None) -> np.ndarray | None:
+    """bool per sequence of ``ctx``: those labelled ``label`` (None: no label filter)."""
+    if label is None:
+        return None
+    names = list(ctx.meta.label_names)
+    if label not in names:
+        where = "" if ctx.meta.origin is None else f"run {ctx.meta.origin.run_id} "
+        raise InputError(f"{where}has no label {label!r}; its labels are {names or 'none (record with --label)'}")
+    return ctx.sequences["label"].to_numpy() == names.index(label)
+
+
+def only_sequences(ctx: Context, keep: np.ndarray | None) -> Context:
+    """``ctx`` as if its run held only the sequences where ``keep`` (bool per sequence) is True."""
+    if keep is None:
+        return ctx
+    sequences = ctx.sequences[keep].reset_index(drop=True)
+    return replace(ctx, sequences=sequences, n_tokens=int(sequences["n_tokens"].sum()))
+
+
+def both(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """The and of two optional sequence masks (None = every sequence)."""
+    return b if a is None else a if b is None else a & b
+
+
 def clear_results() -> None:
     with _results_lock:
         _results.clear()
@@ -346,7 +375,8 @@ def _copy(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _result_key(chunked: Chunked, store: Any, run: int, phase: str | None, source_b: Any, run_b: int | None) -> tuple[Any, ...] | None:
+def _result_key(chunked: Chunked, store: Any, run: int, phase: str | None, source_b: Any, run_b: int | None,
+                only_label: str | None) -> tuple[Any, ...] | None:
     key = run_key(store.run(run), store.path)
     if key is None:
         return None
@@ -357,15 +387,19 @@ def _result_key(chunked: Chunked, store: Any, run: int, phase: str | None, sourc
         second = run_key(source_b.run(int(run_b)), source_b.path)  # type: ignore[arg-type]
         if second is None:
             return None
-    return (*key, phase, repr(chunked), second)
+    return (*key, phase, repr(chunked), second, only_label)
 
 
 def _in_memory(
-    chunked: Chunked, source: Any, run: int | None, phase: str | None, batches: Any, source_b: Any, run_b: int | None
+    chunked: Chunked, source: Any, run: int | None, phase: str | None, batches: Any, source_b: Any, run_b: int | None,
+    only_label: str | None,
 ) -> tuple[Any, Context]:
     from moelens.analysis._common import resolve
 
     data = resolve(source, run, phase=phase)
+    if only_label is not None:
+        label_sequences(_data_context(data), only_label)  # refuses an unknown label
+        data = data.select(data.label == data.label_names.index(only_label))
     ctx = _data_context(data)
     chunked = chunked.prepare(ctx)
     ctx = replace(ctx, chunked=chunked)
@@ -392,13 +426,17 @@ def _same_sequences(data: RoutingData, batch: RoutingData) -> RoutingData:
 def _streamed(
     chunked: Chunked, store: Any, run: int, phase: str | None, engine: str, address: str | None, target_slots: int,
     source_b: Any, run_b: int | None, progress: Callable[[int, int], None] | None, max_pass_slots: int | None,
+    only_label: str | None,
 ) -> tuple[Any, Context]:  # fmt: skip
     with RunStream(store, run, phase=phase, target_slots=target_slots) as stream:
         ctx = Context(stream.meta, stream.n_tokens, stream.sequences())
+        keep = label_sequences(ctx, only_label)
+        ctx = only_sequences(ctx, keep)
         chunked = chunked.prepare(ctx)
         ctx = replace(ctx, chunked=chunked, max_pass_slots=max_pass_slots)
-        stream.restrict(chunked.select_sequences(stream.seq_ids))
-        partial = chunked.from_summaries(store, ctx) if engine == "local" else None
+        stream.restrict(both(keep, chunked.select_sequences(stream.seq_ids)))
+        # the summaries hold the whole run: a label filter streams that label's sequences instead
+        partial = chunked.from_summaries(store, ctx) if engine == "local" and keep is None else None
         if partial is None and max_pass_slots is not None:
             n_slots = int(stream.meta.n_layers * stream.meta.k_max) * stream.planned_tokens
             if n_slots > max_pass_slots:
@@ -406,7 +444,7 @@ def _streamed(
         if partial is None and engine == "ray":
             from moelens.analysis.distributed import map_shards
 
-            partial = map_shards(chunked, store, run, phase, target_slots, address, run_b)
+            partial = map_shards(chunked, store, run, phase, target_slots, address, run_b, only_label)
         elif partial is None:
             partial = merge_all(chunked, (chunked.map(p) for p in _reporting(prefetched(stream_partials(chunked, stream, source_b, run_b)),
                                                                              len(stream.ranges), progress)))

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelens.analysis.chunked import Chunked, merge_all, stream_partials
+from moelens.analysis.chunked import Chunked, Context, both, label_sequences, merge_all, stream_partials
 from moelens.analysis.stream import RunStream
 from moelens.errors import InputError
 
 
-def map_shard(path: str, run: int, shard: int, phase: str | None, chunked: Chunked, target_slots: int, run_b: int | None) -> Any:
-    """The merged partial of one shard (runs inside a Ray worker)."""
+def map_shard(path: str, run: int, shard: int, phase: str | None, chunked: Chunked, target_slots: int, run_b: int | None,
+              only_label: str | None = None) -> Any:
+    """The merged partial of one shard (runs inside a Ray worker); ``only_label``: that label's sequences alone."""
     from moelens.store import TraceStore
 
     store = TraceStore(path, read_only=True)  # the second run of a paired score is read from the whole store
     with RunStream(store, run, phase=phase, shard=shard, target_slots=target_slots) as stream:
-        stream.restrict(chunked.select_sequences(stream.seq_ids))
+        keep = label_sequences(Context(stream.meta, stream.n_tokens, stream.sequences()), only_label)
+        stream.restrict(both(keep, chunked.select_sequences(stream.seq_ids)))
         return merge_all(chunked, (chunked.map(p) for p in stream_partials(chunked, stream, store if run_b is not None else None, run_b)))
 
 
-def map_shards(chunked: Chunked, store: Any, run: int, phase: str | None, target_slots: int, address: str | None, run_b: int | None) -> Any:
+def map_shards(chunked: Chunked, store: Any, run: int, phase: str | None, target_slots: int, address: str | None, run_b: int | None,
+               only_label: str | None = None) -> Any:
     """Map every shard of ``run`` on Ray (connecting to ``address``, or starting/using a local cluster) and
     merge the partials on the driver in shard order."""
     from moelens.store import DatasetStore
@@ -44,5 +47,5 @@ def map_shards(chunked: Chunked, store: Any, run: int, phase: str | None, target
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(map_shard)
     shards = store.shard_ids(run)
-    futures = [task.remote(str(store.path), run, shard, phase, chunked, target_slots, run_b) for shard in shards]
+    futures = [task.remote(str(store.path), run, shard, phase, chunked, target_slots, run_b, only_label) for shard in shards]
     return merge_all(chunked, ray.get(futures))

@@ -3,6 +3,7 @@ help and parameters, and run any of them by name without knowing each signature.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -233,6 +234,8 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
     spec = SCORES[name]
     how = {k: params.pop(k) for k in HOW_OPTIONS if k in params}  # engine options, not score parameters
     spec.check_names(params)
+    if how.get("only_label") is not None:
+        _label_filter(spec, params, how)
     if missing := spec.missing(params):
         raise InputError(f"{name} needs {', '.join(f'{p.name} ({p.help})' for p in missing)}")
     _check_data(store, run, spec, params)
@@ -244,6 +247,20 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
                              "common layer: compare runs recorded over the same inputs with the same tokenizer")
         return df
     return spec.function(store, run, **params, **how)
+
+
+def _label_filter(spec: ScoreSpec, params: dict[str, Any], how: dict[str, Any]) -> None:
+    """Route ``only_label`` to the score: the pruning scores take it as their own ``label`` filter; a score that
+    compares labels, or one without the pass options, is refused (one label leaves nothing to compare)."""
+    if spec.needs in ("labels", "two labels or a second run"):
+        raise InputError(f"{spec.name} compares sequence labels: a label filter leaves one; leave it out")
+    sig = inspect.signature(spec.function)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    if "label" in sig.parameters and params.get("label") is None:
+        params["label"] = how.pop("only_label")
+        return
+    raise InputError(f"{spec.name} takes no label filter; leave it out")
 
 
 def _check_data(source: Any, run: int | None, spec: ScoreSpec, params: Mapping[str, Any]) -> None:

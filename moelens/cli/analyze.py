@@ -24,6 +24,7 @@ def analyze(
     show_help: bool = typer.Option(False, "--help", "-h", help="Show this message, or with SCORE, the score's parameters."),
     engine: str = typer.Option("local", "--engine", help="local (stream the run in this process) | ray (map the shards of a Parquet store on Ray)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --engine ray (default: start a local one)."),
+    label: Optional[str] = typer.Option(None, "--label", "-l", help="Score only the sequences with this label, as if the run held nothing else (reads no other sequence)."),
 ) -> None:
     """Compute a routing score over a recorded run (load, specialization, SRP, nPMI, ...)."""
     import pandas as pd
@@ -56,8 +57,11 @@ def analyze(
     if engine not in ("local", "ray"):
         raise InputError(f"--engine must be local or ray, not {engine!r}")
     how = {} if engine == "local" else {"engine": engine, "address": address}
+    if label is not None:
+        how["only_label"] = label
     df = run_score(store, run, score, **params, **how)
-    emit(df.head(limit) if fmt == "table" else df, fmt, title=f"{score} · run {run}")
+    title = f"{score} · run {run}" + ("" if label is None else f" · label {label}")
+    emit(df.head(limit) if fmt == "table" else df, fmt, title=title)
 
 
 def _split_params(params: list[str] | None) -> dict[str, str]:
