@@ -65,7 +65,7 @@ SQL_TWIN = {"expert load": "expert_load", "co-activation pairs": "coactivation",
 CHILD = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
-if args["kind"] == "score":
+if args["kind"] in ("score", "loaded"):
     import moelens.analysis as A
     from moelens import TraceStore
     store = TraceStore(args["db"], read_only=True)
@@ -83,6 +83,12 @@ if args["kind"] == "score":
         t0 = time.perf_counter()
     df = A.run_score(store, 1, args["score"], **params)
     rows = len(df)
+elif args["kind"] == "loaded":  # the whole run loaded into one RoutingData, as before streaming (a label: selected)
+    data = A.RoutingData.from_store(store, 1)
+    label = args["params"].pop("only_label", None)
+    if label is not None:
+        data = data.select(data.label == data.label_names.index(label))
+    rows = len(A.SCORES[args["score"]].function(data, **args["params"]))
 elif args["kind"] == "summarize":
     from moelens import TraceStore
     from moelens.analysis.summaries import summarize

@@ -467,5 +467,6 @@ def stream_partials(chunked: Chunked, stream: RunStream, source_b: Any = None, r
         yield from stream.batches(text=chunked.text, logits_layer=chunked.logits_layer)
         return
     with RunStream(source_b, int(run_b), phase=stream.phase) as other:  # type: ignore[arg-type]
+        other.reader.only = stream.reader.only  # run b: the same sequences as run a's batch, no others
         for batch in stream.batches(text=chunked.text, logits_layer=chunked.logits_layer):
             yield batch, other.read(seq_range(batch))

@@ -147,12 +147,17 @@ class RangeReader:
             con.execute(f"SET memory_limit = '{READ_MEMORY_LIMIT}'")
         self.layers = _layer_table(con, run_id, run_row)
         self.label_names = run_labels(con, run_id) if label_names is None else label_names
-
+        #: sorted seq ids a range read keeps (None = every sequence of the range): a range can then span
+        #: sequences a score does not need (another label's, SCH's unsampled ones) in one query, not one per gap
+        self.only: np.ndarray | None = None
 
     def _where(self, lo: int | None, hi: int | None) -> tuple[str, list[Any]]:
         where, params = "run_id = ?", [self.run_id]
         if lo is not None:
             where, params = where + " AND seq_id BETWEEN ? AND ?", [*params, int(lo), int(hi)]  # type: ignore[arg-type]
+            if self.only is not None:
+                ids = self.only[np.searchsorted(self.only, lo) : np.searchsorted(self.only, hi, side="right")]
+                where, params = where + " AND seq_id IN (SELECT unnest(?::BIGINT[]))", [*params, ids.tolist()]
         return where, params
 
     def fetch(self, sql: str, lo: int | None = None, hi: int | None = None, extra: str = "", *params: Any) -> pa.Table:

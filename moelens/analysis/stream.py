@@ -78,15 +78,14 @@ class RunStream:
         self._connection.__exit__(*exc)
 
     def restrict(self, keep: np.ndarray | None) -> None:
-        """Read only the sequences where ``keep`` (bool per `seq_ids`) is True: batches then span runs of
-        consecutive kept sequences only, so no other sequence is read."""
+        """Read only the sequences where ``keep`` (bool per `seq_ids`) is True: batches of ~``target_slots``
+        kept slots, each one range query that filters out the other sequences inside it (no other row is read)."""
         if keep is None or keep.all():
             return
         self.planned_tokens = int(self.sizes[keep].sum())
         slots_per_token = max(1, int(self.meta.n_layers * self.meta.k_max))
-        idx = np.flatnonzero(keep)
-        runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if len(idx) else []
-        self.ranges = [r for part in runs for r in sequence_ranges(self.seq_ids[part], self.sizes[part], self.target_slots // slots_per_token)]
+        self.ranges = sequence_ranges(self.seq_ids[keep], self.sizes[keep], self.target_slots // slots_per_token)
+        self.reader.only = self.seq_ids[keep]
 
     def sequences(self) -> Any:
         """seq_id, kept n_tokens and label code (-1 = none) of every sequence with kept tokens."""
