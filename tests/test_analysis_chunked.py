@@ -173,6 +173,10 @@ def test_label_filter_streams_that_labels_sequences_alone(store: TraceStore) -> 
         want = A.SCORES[name].function(sub, **params)
         assert_same(A.run_score(store, run, name, target_slots=2000, only_label="domain1", **params), want, name)
         assert_same(A.SCORES[name].function(data, only_label="domain1", **params), want, f"{name} in memory")
+    for name, params in (("layer_balance", {}), ("expert_load", {"by_label": True}), ("expert_load", {"phase": "prompt"})):
+        A.clear_cache()  # the label-keyed summaries answer a label filter of these: no pass at all
+        assert_same(A.run_score(store, run, name, only_label="domain1", max_pass_slots=0, **params),
+                    A.SCORES[name].function(sub, **params), f"{name} from summaries")
     A.clear_cache()
     with pytest.raises(A.NeedsFullPass) as needed:  # the pass it would start reads that label's tokens only
         A.coactivation(store, run, only_label="domain1", max_pass_slots=0)

@@ -50,6 +50,7 @@ class Context:
     sequences: pd.DataFrame  #: seq_id, n_tokens (kept), label (code, -1 = none) of every sequence, by seq_id
     chunked: Any = None  #: the score as prepared for this run (what `finish` must be called on)
     max_pass_slots: int | None = None  #: the caller's pass budget; also bounds the summary rows a finish reads
+    only_label: str | None = None  #: the one label the score is over (`HOW_OPTIONS`); summaries are read for it alone
 
 
 class Chunked:
@@ -59,6 +60,9 @@ class Chunked:
     text: bool = False  #: batches need token text
     logits_layer: int | None = None  #: batches need this layer's router logits
     paired: bool = False  #: map receives (batch of run a, same sequences of run b)
+    #: `from_summaries` reads only label-keyed summaries (through `summary_partials.read`, which keeps the rows
+    #: of ``ctx.only_label``), so it also answers a label filter; other scores stream that label's sequences
+    label_summaries: bool = False
 
     def prepare(self, ctx: Context) -> Chunked:
         """The score with anything that must be fixed before mapping decided from the whole run (e.g. SCH's
@@ -433,10 +437,10 @@ def _streamed(
         keep = label_sequences(ctx, only_label)
         ctx = only_sequences(ctx, keep)
         chunked = chunked.prepare(ctx)
-        ctx = replace(ctx, chunked=chunked, max_pass_slots=max_pass_slots)
+        ctx = replace(ctx, chunked=chunked, max_pass_slots=max_pass_slots, only_label=only_label)
         stream.restrict(both(keep, chunked.select_sequences(stream.seq_ids)))
-        # the summaries hold the whole run: a label filter streams that label's sequences instead
-        partial = chunked.from_summaries(store, ctx) if engine == "local" and keep is None else None
+        summaries = engine == "local" and (keep is None or chunked.label_summaries)
+        partial = chunked.from_summaries(store, ctx) if summaries else None
         if partial is None and max_pass_slots is not None:
             n_slots = int(stream.meta.n_layers * stream.meta.k_max) * stream.planned_tokens
             if n_slots > max_pass_slots:

@@ -23,6 +23,7 @@ class ExpertCounts(Chunked):
     labels + unlabelled) or one group. The partial of `expert_load` and `layer_balance`."""
 
     by_label: bool = False
+    label_summaries = True  # its summaries are keyed by label: a label filter answers from them too
 
     def map(self, batch: RoutingData) -> dict[str, Any]:
         group, n_groups = label_groups(batch, self.by_label)

@@ -193,14 +193,16 @@ def _contexts(store: Any, ctx: Context, run: int, layer: int, expert: int, ids: 
 
 
 def read(store: Any, ctx: Context, name: str) -> Any:
-    """A summary as a DataFrame restricted to the context's phase, or None when not materialised (or the
-    store cannot hold summaries)."""
+    """A summary as a DataFrame restricted to the context's phase and label filter, or None when not
+    materialised (or the store cannot hold summaries, or a label filter meets a summary without labels)."""
     if not hasattr(store, "read_summary") or ctx.meta.origin is None:
         return None
     table = store.read_summary(ctx.meta.origin.run_id, name)
-    if table is None:
+    if table is None or (ctx.only_label is not None and "label" not in table.column_names):
         return None
     df = table.to_pandas()
+    if ctx.only_label is not None:
+        df = df[df["label"] == ctx.only_label]
     phase = ctx.meta.phase_filter
     return df if phase is None else df[df["phase"] == phase]
 
