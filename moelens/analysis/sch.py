@@ -4,11 +4,13 @@ SCH is the hit rate of an expert cache whose eviction can look m tokens ahead (e
 fewest uses in the next m tokens, ties by least recently used), for every cache size at once. It is
 sequential by nature (the cache state depends on every earlier access), so the per-sequence simulation is
 a compiled loop (`_kernels.stack_hits`). Access order inside a token is the stored rank order (descending
-gate weight), as the reference feeds it; it changes the curve (§8.4).
+gate weight), as the reference feeds it; it changes the curve.
 
 Conventions kept from the reference: positions are read before a token's accesses; a first-seen expert is
 credited at the number of distinct experts seen so far (a pre-warmed cache, so the hit rate at C = E is 1);
-the layer curve is the unweighted mean of per-sequence curves. The bootstrap CI (§8.3) is not computed.
+the layer curve is the unweighted mean of per-sequence curves. Its partial is a sum over sequences, so
+`moelens.analysis.bootstrap` gives percentile intervals over sequence resamples (as the reference's CIs) by
+streaming the sampled sequences once: ``bootstrap("sch", store, run)``.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class SchCurves(Chunked):
         return result(
             df, data, "sch", lookahead=list(self.lookahead), level=self.level, lru=self.lru, sample_every=stride,
             sampled=(f"sequences whose hashed seq_id is divisible by {stride} ({chosen} of {total})" if stride > 1 else "every sequence"),
-            access_order="stored rank order (descending gate weight)", bootstrap_ci="not computed",
+            access_order="stored rank order (descending gate weight)",
+            bootstrap_ci="none here: moelens.analysis.bootstrap.bootstrap('sch', ...) adds hit_rate_lo/_hi",
             reference="moe-lrc (arXiv 2505.16056) src/41_sch_calc.py calc_fsf, 50_chr_calc.py calc_lru",
         )  # fmt: skip
 
@@ -119,7 +122,7 @@ def sch(
     **how: Any,
 ) -> pd.DataFrame:
     """Hit-rate curves: per layer (or ``level='model'``: one cache for all layers, ids offset per layer and
-    each token's accesses concatenated in layer order, §8.3), ``policy`` 'sch' for each lookahead ``m`` and
+    each token's accesses concatenated in layer order, as the reference's model-level cache), ``policy`` 'sch' for each lookahead ``m`` and
     'lru' (m = -1), for ``cache_size`` C = 1..E: ``hit_rate`` and ``cache_ratio`` = C / k (per model:
     C / Σk, the "multiple of the active experts" axis of ``42_sch_refine.py``).
 
