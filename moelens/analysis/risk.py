@@ -117,25 +117,24 @@ def _first_tokens(ctx: Context, label: str | None, n: int) -> tuple[int, int] | 
 
 def _frame(one: dict[str, Any], two: dict[str, Any], a: RoutingData, b: RoutingData, **params: Any) -> pd.DataFrame:
     """The ranked table of two behaviours' selection counts (``one`` on ``a``'s layers, ``two`` on ``b``'s)."""
-    frames = []
-    for layer in np.intersect1d(a.layer_ids, b.layer_ids):
-        la, lb = a.layer_index(int(layer)), b.layer_index(int(layer))
-        E = int(a.n_experts[la])
-        if E != int(b.n_experts[lb]):
+    layers = np.intersect1d(a.layer_ids, b.layer_ids).astype(np.int64)
+    at_a, at_b = [a.layer_index(int(x)) for x in layers], [b.layer_index(int(x)) for x in layers]
+    E = np.array([int(a.n_experts[i]) for i in at_a], np.int64)
+    for layer, e, j in zip(layers, E, at_b):
+        if e != int(b.n_experts[j]):
             raise InputError(f"layer {layer}: the runs have different numbers of experts")
-        a1, a2 = one["a"][la], two["a"][lb]
+    columns = ["layer", "expert", "a1", "a2", "d1", "d2", "a1_n", "a2_n", "risk_diff", "risk_diff_abs"]
+    df = pd.DataFrame(columns=columns)
+    if len(layers):  # every layer in one frame: a bootstrap finishes hundreds of these
+        a1, a2 = np.concatenate([one["a"][i] for i in at_a]), np.concatenate([two["a"][j] for j in at_b])
         n1, n2 = one["n"], two["n"]
         with np.errstate(invalid="ignore", divide="ignore"):
             rate1, rate2 = a1 / n1, a2 / n2
-        frames.append(
-            pd.DataFrame(
-                {"layer": int(layer), "expert": np.arange(E), "a1": a1, "a2": a2, "d1": n1 - a1,
-                 "d2": n2 - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
-                 "risk_diff_abs": np.abs(rate1 - rate2)}
-            )
+        df = pd.DataFrame(
+            {"layer": np.repeat(layers, E), "expert": np.concatenate([np.arange(e) for e in E]), "a1": a1, "a2": a2,
+             "d1": n1 - a1, "d2": n2 - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
+             "risk_diff_abs": np.abs(rate1 - rate2)}
         )  # fmt: skip
-    columns = ["layer", "expert", "a1", "a2", "d1", "d2", "a1_n", "a2_n", "risk_diff", "risk_diff_abs"]
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
     df = df.sort_values(["risk_diff_abs", "layer", "expert"], ascending=[False, True, True], na_position="last")
     return result(df, a, "risk_difference", **params, n_tokens_a=int(one["n"]), n_tokens_b=int(two["n"]), reference=REFERENCE)
 

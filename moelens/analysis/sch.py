@@ -86,17 +86,18 @@ class SchCurves(Chunked):
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data, stride = ctx.meta, int(self.sample_every or 1)
         tasks = [(layer, E, k, policy, m) for layer, _, E, k in _caches(data, self.level) for policy, m in self.policies]
-        frames = []
-        for (layer, E, k, policy, m), (curve, used) in zip(tasks, partial["curves"]):
-            sizes = np.arange(1, E + 1)
-            frames.append(
-                pd.DataFrame(
-                    {"layer": layer, "policy": policy, "m": m, "cache_size": sizes, "cache_ratio": sizes / k,
-                     "hit_rate": curve / used if used else np.nan, "n_sequences": int(used)}
-                )
-            )  # fmt: skip
         columns = ["layer", "policy", "m", "cache_size", "cache_ratio", "hit_rate", "n_sequences"]
-        df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+        df = pd.DataFrame(columns=columns)
+        if tasks:  # one frame for every (cache, policy) curve at once: a bootstrap finishes hundreds of these
+            layer, E, k, policy, m = (np.array(v) for v in zip(*tasks))
+            used = np.array([u for _, u in partial["curves"]], np.int64)
+            sizes = np.concatenate([np.arange(1, e + 1) for e in E])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rates = [curve / u if u else np.full(e, np.nan) for (curve, u), e in zip(partial["curves"], E)]
+            df = pd.DataFrame(
+                {"layer": np.repeat(layer, E), "policy": np.repeat(policy, E), "m": np.repeat(m, E), "cache_size": sizes,
+                 "cache_ratio": sizes / np.repeat(k, E), "hit_rate": np.concatenate(rates), "n_sequences": np.repeat(used, E)}
+            )  # fmt: skip
         if self.level == "model":
             df = df.drop(columns="layer")
         total = len(ctx.sequences)
