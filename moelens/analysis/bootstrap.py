@@ -230,15 +230,15 @@ def _plan(chunked: Chunked, source: Any, run: int | None, phase: str | None, n_b
 
 
 def _streamed_draws(plan: dict[str, Any], source: Any, run: int | None, phase: str | None, how: dict[str, Any],
-                    progress: Callable[[int, int], None]) -> list[pd.DataFrame]:
-    """Every draw's frame, from `_plan`'s passes (``progress(pass index)`` reports each one)."""
+                    stage: Callable[[int], Any]) -> list[pd.DataFrame]:
+    """Every draw's frame, from `_plan`'s passes (pass i reports to ``stage(i)``; 0 is the point estimate's)."""
     if isinstance(source, RoutingData):
         how = {"batches": MEMORY_BATCH_SEQUENCES, **how}  # one sequence at a time is masked out of each batch
     frames: list[pd.DataFrame] = []
     counts, per_pass = plan["counts"], plan["per_pass"]
     for i, lo in enumerate(range(0, len(counts), per_pass)):
         chunked = Resampled(plan["inner"], plan["seq_ids"], counts[lo : lo + per_pass], plan["template"])
-        partial, pass_ctx = compute_partial(chunked, source, run, phase=phase, progress=progress(i + 1), **how)
+        partial, pass_ctx = compute_partial(chunked, source, run, phase=phase, progress=stage(i + 1), **how)
         frames.extend(chunked.finish(partial, pass_ctx))
     return frames
 
@@ -254,8 +254,9 @@ def _check_params(name: str, score: Callable[..., Any], params: Mapping[str, Any
     """Refuse, in one line, a parameter neither the score nor the pass options take."""
     sig = inspect.signature(score).parameters
     known = [k for k, p in list(sig.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != "run"]
-    if any(p.kind is p.VAR_KEYWORD for p in sig.values()):
-        known += [k for k, p in inspect.signature(compute_partial).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in known]
+    takes_how = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+    options = [k for k, p in inspect.signature(compute_partial).parameters.items() if p.kind is p.KEYWORD_ONLY] if takes_how else HOW_OPTIONS
+    known += [k for k in options if k not in known]
     for key in params:
         if key not in known:
             raise InputError(f"{name} has no parameter {key!r}{did_you_mean(key, known)}; it takes {', '.join(known)}")
@@ -267,9 +268,10 @@ def _load_check(source: Any, run: int | None, phase: str | None, params: Mapping
         return
     from moelens.analysis.stream import TARGET_SLOTS
 
-    runs = [(source, run)] + ([(params.get("source_b") or source, params["run_b"])] if params.get("run_b") is not None else [])
-    sizes = [(c.n_tokens, c.n_tokens * int(c.meta.n_layers * c.meta.k_max)) for c in (context(s, r, phase=phase) for s, r in runs)]
-    n_tokens, n_slots = sum(t for t, _ in sizes), sum(n for _, n in sizes)
+    runs = [(source, run), *([(params.get("source_b") or source, params["run_b"])] if params.get("run_b") is not None else [])]
+    ctxs = [context(s, r, phase=phase) for s, r in runs]
+    n_tokens = sum(c.n_tokens for c in ctxs)
+    n_slots = sum(c.n_tokens * int(c.meta.n_layers * c.meta.k_max) for c in ctxs)
     if n_slots > max_pass_slots:
         raise NeedsFullPass("loading the run for the bootstrap", n_tokens, n_slots, -(-n_slots // TARGET_SLOTS))
 
