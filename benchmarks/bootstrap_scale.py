@@ -131,6 +131,15 @@ def report(opts: argparse.Namespace, shape: dict[str, Any], cases: dict[str, dic
             per, load = f"{per_draw:.2f}", f"{got['load_s']:.1f}"
             est = f"{got['load_s'] + got['point_s'] + per_draw * opts.n_boot:.0f}"
         lines.append(f"| {name} | {route} | {n_boot} | {got['wall']:.1f} | {got['rss_gib']:.2f} | {load} | {per} | {est} | {' '.join(got['load'])} |")
+    ok = {(name, route): (n_boot, got) for name, route, n_boot, got in rows if "error" not in got}
+    lines += ["", f"Streamed vs loaded at {opts.n_boot} draws (the loaded route extrapolated from its measured draws):", ""]
+    for name in cases:
+        if (name, "streamed") in ok and (name, "loaded") in ok:
+            (_, fast), (n, slow) = ok[(name, "streamed")], ok[(name, "loaded")]
+            at_n = slow["load_s"] + slow["point_s"] + (slow["wall"] - slow["load_s"] - slow["point_s"]) / n * opts.n_boot
+            lines.append(f"- `{name}`: {at_n / fast['wall']:.0f}× less wall time, {slow['rss_gib'] / fast['rss_gib']:.1f}× less peak RSS "
+                         f"({fast['rss_gib']:.2f} vs {slow['rss_gib']:.2f} GiB; the loaded peak is the run plus one draw's copy, "
+                         "whatever the number of draws).")
     lines += ["", "Intervals (streamed rows):", ""]
     lines += [f"- `{name}`: mean interval width {got['mean_width']:.4g}; {got['bootstrap_ci']}"
               for name, route, _, got in rows if route == "streamed" and "error" not in got]

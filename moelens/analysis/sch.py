@@ -123,9 +123,10 @@ def sch(
     **how: Any,
 ) -> pd.DataFrame:
     """Hit-rate curves: per layer (or ``level='model'``: one cache for all layers, ids offset per layer and
-    each token's accesses concatenated in layer order, as the reference's model-level cache), ``policy`` 'sch' for each lookahead ``m`` and
-    'lru' (m = -1), for ``cache_size`` C = 1..E: ``hit_rate`` and ``cache_ratio`` = C / k (per model:
-    C / Σk, the "multiple of the active experts" axis of ``42_sch_refine.py``).
+    each token's accesses concatenated in layer order, as the reference's model-level cache), ``policy``
+    'sch' for each lookahead ``m`` and 'lru' (m = -1), for ``cache_size`` C = 1..E: ``hit_rate`` and
+    ``cache_ratio`` = C / k (per model: C / Σk, the "multiple of the active experts" axis of
+    ``42_sch_refine.py``). Intervals over sequence resamples: ``bootstrap("sch", ...)``.
 
     ``sample_every`` = n simulates about one sequence in n: those whose hashed seq_id is divisible by n
     (`sampled_sequences`; the reference uses every 16th). By default every sequence is used unless the
