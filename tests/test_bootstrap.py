@@ -38,6 +38,27 @@ def test_identical_sequences_give_a_zero_width_interval() -> None:
     assert out.attrs["params"]["n_boot"] == 20 and "5 sequences" in out.attrs["params"]["bootstrap_ci"]
 
 
+def test_identical_sequences_give_zero_width_sch_and_risk_intervals(tmp_path) -> None:
+    from moelens import TraceStore
+    from moelens.analysis import write_run
+
+    # SCH: four copies of one top-2 sequence whose m=1 curve is 3/16, 6/16, 12/16, 1 (worked by hand in
+    # test_analysis_fixtures): every draw has that curve, in memory and streamed from a store alike
+    fixture = [[0, 1], [0, 2], [1, 2], [3, 0], [3, 1], [0, 1], [2, 3], [0, 1]]
+    cache = RoutingData.from_arrays(np.array(fixture * 4), n_experts=4, seq_id=np.repeat(np.arange(4), 8))
+    # risk: label a sequences route 0, 0, 1 (expert 0 at 2/3), label b 1, 1, 1, 0 (1/4): RD = 5/12 in every draw
+    risk = RoutingData.from_arrays(np.array([0, 0, 1] * 3 + [1, 1, 1, 0] * 3)[:, None], n_experts=2,
+                                   seq_id=np.repeat(np.arange(6), [3, 3, 3, 4, 4, 4]), labels=["a"] * 9 + ["b"] * 12)
+    store = TraceStore(tmp_path / "traces.duckdb")
+    cases = [("sch", cache, {"lookahead": (1,), "lru": False, "sample_every": 1}, "cache_size", "hit_rate", [3 / 16, 6 / 16, 12 / 16, 1.0]),
+             ("risk_difference", risk, {"label_a": "a", "label_b": "b"}, "expert", "risk_diff", [2 / 3 - 1 / 4, 1 / 3 - 3 / 4])]
+    for name, data, params, key, value, expected in cases:
+        for source, run in ((data, None), (store, write_run(store, data))):
+            out = bootstrap(name, source, run, n_boot=20, seed=3, **params).sort_values(key)
+            assert out[value].tolist() == pytest.approx(expected)
+            assert out[f"{value}_lo"].tolist() == pytest.approx(expected) and out[f"{value}_hi"].tolist() == pytest.approx(expected)
+
+
 def test_bootstrap_matches_an_independent_rebuild_of_every_draw() -> None:
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 6, rng.integers(5, 30)).tolist() for _ in range(12)]

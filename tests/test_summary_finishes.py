@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_analysis_chunked import assert_same
 
@@ -172,6 +173,112 @@ def test_streamed_bootstrap_equals_the_in_memory_draws(tmp_path, monkeypatch, na
     streamed = B.bootstrap(name, store, run, n_boot=12, seed=4, target_slots=1500, **params)
     assert_same(streamed, in_memory, f"bootstrap {name} {params}")
     assert streamed[[c for c in streamed.columns if c.endswith("_lo")]].notna().any().all()
+
+
+def _materialised(data: A.RoutingData, n_boot: int, seed: int, keep: np.ndarray) -> list[A.RoutingData]:
+    """The seeded draws rebuilt from plain arrays: ``n_boot`` times as many sequences as ``data`` has, drawn with
+    ``np.random.default_rng(seed)`` one draw after the other, each copy holding only its tokens where ``keep``."""
+    gen = np.random.default_rng(seed)
+    starts = np.r_[0, np.flatnonzero(np.diff(data.seq_id)) + 1]
+    spans = [np.arange(a, b) for a, b in zip(starts, np.r_[starts[1:], data.n_tokens])]
+    names = np.array([*data.label_names, None], object)
+    out = []
+    for _ in range(n_boot):
+        parts = [spans[i][keep[spans[i]]] for i in gen.integers(0, len(spans), len(spans))]
+        idx = np.concatenate(parts)
+        out.append(A.RoutingData.from_arrays(
+            data.experts[:, idx], data.weights[:, idx], n_experts=data.n_experts, layer_ids=data.layer_ids, top_k=data.top_k,
+            seq_id=np.repeat(np.arange(len(parts)), [len(p) for p in parts]), pos=data.pos[idx], labels=names[data.label[idx]]))
+    return out
+
+
+def _percentiles(frames: list, keys: list[str], value: str) -> tuple:
+    table = np.array([f.sort_values(keys)[value].to_numpy(float) for f in frames])
+    return np.nanquantile(table, 0.025, axis=0), np.nanquantile(table, 0.975, axis=0)
+
+
+@pytest.mark.parametrize(("sample_every", "level", "phase"), [(1, "layer", None), (3, "model", None), (3, "layer", "generated")])
+def test_streamed_sch_bootstrap_equals_sampled_copies_of_every_draw(tmp_path, monkeypatch, sample_every: int, level: str, phase) -> None:
+    """SCH intervals streamed from the store (one pass per draw) = for each seeded draw of ALL the run's
+    sequences, plain SCH (every sequence) on the drawn copies of the sampled sequences (by original seq_id)."""
+    from moelens.analysis import bootstrap as B
+    from moelens.analysis._common import resolve
+    from moelens.analysis.sch import sampled_sequences
+
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 9)
+    params = {"lookahead": (2, 8), "level": level, "sample_every": sample_every, "phase": phase}
+    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 1)
+    streamed = B.bootstrap("sch", store, run, n_boot=12, seed=5, target_slots=1500, **params)
+    data = resolve(store, run, phase=phase)
+    draws = _materialised(data, 12, 5, sampled_sequences(data.seq_id, sample_every))
+    keys = [k for k in ("layer", "policy", "m", "cache_size") if k in streamed.columns]
+    lo, hi = _percentiles([A.sch(d, lookahead=(2, 8), level=level, sample_every=1) for d in draws], keys, "hit_rate")
+    got = streamed.sort_values(keys)
+    np.testing.assert_allclose(got["hit_rate_lo"], lo, rtol=1e-9)
+    np.testing.assert_allclose(got["hit_rate_hi"], hi, rtol=1e-9)
+    assert (got["hit_rate_lo"] < got["hit_rate_hi"]).any()
+    assert_same(B.bootstrap("sch", data, n_boot=12, seed=5, **params), streamed, "in memory = on the store")
+
+
+@pytest.mark.parametrize("params", [
+    {"label_a": "domain0", "label_b": "domain2"}, {"label_a": "domain1", "label_b": "domain0", "phase": "prompt"},
+    {"label_a": "domain0", "label_b": "domain2", "equalize": True}, {"label_a": "domain2", "label_b": "domain1", "equalize": True, "phase": "generated"},
+])  # fmt: skip
+def test_streamed_risk_difference_bootstrap_equals_the_materialised_draws(tmp_path, monkeypatch, params: dict) -> None:
+    """Risk-difference intervals streamed from the store = risk_difference on every materialised draw; with
+    ``equalize`` the draws resample the tokens the run's cut keeps (each label's first tokens)."""
+    from moelens.analysis import bootstrap as B
+    from moelens.analysis._common import resolve
+
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 10)
+    data = resolve(store, run, phase=params.get("phase"))
+    keep = np.ones(data.n_tokens, bool)
+    if params.get("equalize"):
+        codes = [data.label_names.index(params[k]) for k in ("label_a", "label_b")]
+        limit = min(int((data.label == c).sum()) for c in codes)
+        for c in codes:  # each label's first `limit` tokens, in (seq_id, pos) order
+            keep &= (data.label != c) | (np.cumsum(data.label == c) <= limit)
+    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 1)
+    streamed = B.bootstrap("risk_difference", store, run, n_boot=12, seed=6, target_slots=1500, **params)
+    labels = {k: params[k] for k in ("label_a", "label_b")}
+    lo, hi = _percentiles([A.risk_difference(d, **labels) for d in _materialised(data, 12, 6, keep)], ["layer", "expert"], "risk_diff")
+    got = streamed.sort_values(["layer", "expert"])
+    np.testing.assert_allclose(got["risk_diff_lo"], lo, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["risk_diff_hi"], hi, rtol=1e-9, atol=1e-12)
+    point = A.risk_difference(store, run, **params)
+    pd.testing.assert_frame_equal(streamed[list(point.columns)], point)
+    assert "sequence partials" in streamed.attrs["params"]["bootstrap_ci"]
+
+
+def test_sch_and_risk_bootstrap_stream_the_run_within_the_pass_budget(tmp_path, monkeypatch) -> None:
+    """On a store the draws never load the run: they go through bounded passes that honour ``max_pass_slots``
+    and report their batches over all the passes."""
+    from moelens.analysis import bootstrap as B
+
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 11)
+    summarize(store, run)  # risk_difference's point estimate answers from the summaries; its draws still stream
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the bootstrap loaded the run")
+
+    monkeypatch.setattr(A.RoutingData, "from_store", loaded)
+    monkeypatch.setattr(B, "DRAW_BUDGET_BYTES", 3 * (48 * 8 * 2 + 2) * 8)  # risk: 3 draws per pass, so 3 passes
+    A.clear_cache()
+    for name, params in (("sch", {"sample_every": 2, "lookahead": (4,)}), ("risk_difference", {"label_a": "domain0", "label_b": "domain1"})):
+        seen: list[tuple[int, int]] = []
+        out = B.bootstrap(name, store, run, n_boot=8, seed=1, target_slots=1500, max_pass_slots=10**9,
+                          progress=lambda done, total: seen.append((done, total)), **params)
+        value = B.VALUES[name][0]
+        assert out[f"{value}_lo"].notna().any() and (out[f"{value}_lo"] <= out[f"{value}_hi"]).all()
+        assert seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+        with pytest.raises(NeedsFullPass) as refused:  # the point estimate is kept; the draws' pass is refused
+            B.bootstrap(name, store, run, n_boot=8, seed=1, max_pass_slots=0, **params)
+        assert refused.value.what == "Resampled"
+    with pytest.raises(AssertionError, match="loaded the run"):  # paired runs still materialise their draws
+        B.bootstrap("risk_difference", store, run, n_boot=2, label_a="domain0", run_b=run, label_b="domain1")
 
 
 def test_bootstrap_of_a_permutation_baseline_resamples_the_loaded_run(tmp_path) -> None:

@@ -21,22 +21,33 @@ def _one_step(compute: Any) -> Any:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def bootstrapped(db: str, key: tuple, name: str, run: int, n_boot: int, seed: int, params: tuple) -> pd.DataFrame:
-    """``moelens.analysis.bootstrap.bootstrap(name, store, run, n_boot=..., seed=..., **params)``, cached."""
+def bootstrapped(db: str, key: tuple, name: str, run: int, n_boot: int, seed: int, params: tuple,
+                 _budget: int | None = None) -> pd.DataFrame:
+    """``moelens.analysis.bootstrap.bootstrap(name, store, run, n_boot=..., seed=..., **params)``, cached; a pass
+    over more than ``_budget`` routing slots raises `NeedsFullPass` (not cached)."""
     from moelens.analysis.bootstrap import bootstrap
 
     with batch(db) as store:
-        return bootstrap(name, store, int(run), n_boot=int(n_boot), seed=int(seed), **dict(params))
+        return bootstrap(name, store, int(run), n_boot=int(n_boot), seed=int(seed), max_pass_slots=_budget, **dict(params))
 
 
 def bootstrap(db: str, stamp: float, name: str, run: int, n_boot: int, seed: int, **params: Any) -> pd.DataFrame:
-    """`bootstrapped`, within the pass budget: the bootstrap holds the run in memory and recomputes the score on
-    each resample, so a run over `data.pass_slots` raises `data.PassNeeded` instead."""
+    """`bootstrapped`, within the pass budget: a pass over more than `data.pass_slots` routing slots raises
+    `data.PassNeeded` instead. Scores whose draws stream (`moelens.analysis.bootstrap.streamed_score`) are
+    refused by their own passes; the others load the run, so the run's size decides."""
+    from moelens.analysis.bootstrap import bootstrap as compute, streamed_score
+
     key, frozen = run_key(db, stamp, int(run)), _freeze(params)
-    compute = lambda: bootstrapped(db, key, name, int(run), int(n_boot), int(seed), frozen)  # noqa: E731
+
+    def full(progress: Progress) -> pd.DataFrame:
+        with batch(db) as store:
+            return compute(name, store, int(run), n_boot=int(n_boot), seed=int(seed), progress=progress, **params)
+
+    size = None if streamed_score(name, params) is not None else run_size(db, int(run))
     return within_budget(("bootstrap", db, key, name, int(run), int(n_boot), int(seed), frozen),
-                         f"95% intervals of `{name}` ({n_boot} resamples)", lambda _: compute(), _one_step(compute),
-                         run_size(db, int(run)))
+                         f"95% intervals of `{name}` ({n_boot} resamples)",
+                         lambda budget: bootstrapped(db, key, name, int(run), int(n_boot), int(seed), frozen, _budget=budget),
+                         full, size)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)

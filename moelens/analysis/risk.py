@@ -3,20 +3,27 @@
 Why: the experts whose selection rate differs most between paired examples of opposite behaviours are the
 candidates to force on or off (steering). Behaviours are two labels of one run, or (for paired runs, e.g.
 two prompt sets recorded separately) two runs.
+
+Two labels of one run are one score (`RiskPair`): one pass (or the summaries) serves both behaviours, and its
+partial is a sum over sequences (each sequence belongs to one label), so `moelens.analysis.bootstrap` streams
+its intervals. Paired runs take one pass per run; their bootstrap recomputes the score on materialised draws
+of the loaded runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import Chunked, Context, compute_partial, context
+from moelens.analysis.chunked import Chunked, Context, Fused, compute, compute_partial, context
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
+
+REFERENCE = "SteerMoE (arXiv 2509.09660) custom_steering.ipynb"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,30 @@ class RiskCounts(Chunked):
         return {"n": n, "a": a}
 
 
+@dataclass(frozen=True)
+class RiskPair(Fused):
+    """Two labels of one run in one pass: ``parts`` are the two behaviours' `RiskCounts`, the result is the
+    ranked frame. With ``equalize`` the cuts (each label's first tokens, in seq order) are fixed from the
+    whole run's sequence sizes in `prepare`, before any pass — so the partial stays a sum over sequences."""
+
+    equalize: bool = False
+
+    @classmethod
+    def of(cls, label_a: str, label_b: str, equalize: bool = False) -> RiskPair:
+        return cls((RiskCounts(label_a), RiskCounts(label_b)), equalize)
+
+    def prepare(self, ctx: Context) -> RiskPair:
+        sizes = [_size(ctx, p.label) for p in self.parts]  # refuses an unknown label before any pass
+        if not self.equalize:
+            return self
+        return replace(self, parts=tuple(replace(p, limit=_first_tokens(ctx, p.label, min(sizes))) for p in self.parts))
+
+    def finish(self, partial: tuple[dict[str, Any], dict[str, Any]], ctx: Context) -> pd.DataFrame:
+        one, two = partial
+        return _frame(one, two, ctx.meta, ctx.meta, label_a=self.parts[0].label, label_b=self.parts[1].label,
+                      run_b=None, equalize=self.equalize)
+
+
 def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
     if label is None:
         return np.arange(data.n_tokens)
@@ -59,13 +90,23 @@ def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
     return np.flatnonzero(data.label == data.label_names.index(label))
 
 
+def _sequences(ctx: Context, label: str | None) -> pd.DataFrame:
+    """The run's sequences (seq_id, kept n_tokens, label) of one behaviour (None = all)."""
+    if label is None:
+        return ctx.sequences
+    if label not in ctx.meta.label_names:
+        raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
+    return ctx.sequences[ctx.sequences["label"] == ctx.meta.label_names.index(label)]
+
+
+def _size(ctx: Context, label: str | None) -> int:
+    """Tokens of a behaviour, from the sequence sizes (no pass over routing)."""
+    return int(_sequences(ctx, label)["n_tokens"].sum())
+
+
 def _first_tokens(ctx: Context, label: str | None, n: int) -> tuple[int, int] | None:
     """(seq_id, tokens inside it) bounding the first ``n`` tokens of ``label`` (None = no cut needed)."""
-    seqs = ctx.sequences
-    if label is not None:
-        if label not in ctx.meta.label_names:
-            raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
-        seqs = seqs[seqs["label"] == ctx.meta.label_names.index(label)]
+    seqs = _sequences(ctx, label)
     total = np.cumsum(seqs["n_tokens"].to_numpy())
     if not len(total) or total[-1] <= n:
         return None
@@ -74,22 +115,28 @@ def _first_tokens(ctx: Context, label: str | None, n: int) -> tuple[int, int] | 
     return int(seqs["seq_id"].iloc[at]), n - before
 
 
-def _behaviour(source: Any, run: int | None, label: str | None, phase: str | None, limit: int | None, how: Any) -> tuple[dict[str, Any], Context]:
-    """Selection counts of one behaviour (its first ``limit`` tokens when given, cut where the run's
-    sequence sizes say the limit falls)."""
-    cut = None if limit is None else _first_tokens(context(source, run, phase=phase), label, limit)
-    return compute_partial(RiskCounts(label, cut), source, run, phase=phase, **how)
-
-
-def _size(source: Any, run: int | None, label: str | None, phase: str | None) -> int:
-    """Tokens of a behaviour, from the sequence sizes (no pass over routing)."""
-    ctx = context(source, run, phase=phase)
-    seqs = ctx.sequences
-    if label is not None:
-        if label not in ctx.meta.label_names:
-            raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
-        seqs = seqs[seqs["label"] == ctx.meta.label_names.index(label)]
-    return int(seqs["n_tokens"].sum())
+def _frame(one: dict[str, Any], two: dict[str, Any], a: RoutingData, b: RoutingData, **params: Any) -> pd.DataFrame:
+    """The ranked table of two behaviours' selection counts (``one`` on ``a``'s layers, ``two`` on ``b``'s)."""
+    layers = np.intersect1d(a.layer_ids, b.layer_ids).astype(np.int64)
+    at_a, at_b = [a.layer_index(int(x)) for x in layers], [b.layer_index(int(x)) for x in layers]
+    E = np.array([int(a.n_experts[i]) for i in at_a], np.int64)
+    for layer, e, j in zip(layers, E, at_b):
+        if e != int(b.n_experts[j]):
+            raise InputError(f"layer {layer}: the runs have different numbers of experts")
+    columns = ["layer", "expert", "a1", "a2", "d1", "d2", "a1_n", "a2_n", "risk_diff", "risk_diff_abs"]
+    df = pd.DataFrame(columns=columns)
+    if len(layers):  # every layer in one frame: a bootstrap finishes hundreds of these
+        a1, a2 = np.concatenate([one["a"][i] for i in at_a]), np.concatenate([two["a"][j] for j in at_b])
+        n1, n2 = one["n"], two["n"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate1, rate2 = a1 / n1, a2 / n2
+        df = pd.DataFrame(
+            {"layer": np.repeat(layers, E), "expert": np.concatenate([np.arange(e) for e in E]), "a1": a1, "a2": a2,
+             "d1": n1 - a1, "d2": n2 - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
+             "risk_diff_abs": np.abs(rate1 - rate2)}
+        )  # fmt: skip
+    df = df.sort_values(["risk_diff_abs", "layer", "expert"], ascending=[False, True, True], na_position="last")
+    return result(df, a, "risk_difference", **params, n_tokens_a=int(one["n"]), n_tokens_b=int(two["n"]), reference=REFERENCE)
 
 
 def risk_difference(
@@ -109,41 +156,20 @@ def risk_difference(
     ``risk_diff_abs``. Behaviour 1 = ``label_a`` tokens of (source, run); behaviour 2 = ``label_b`` tokens
     of the same run, or of (``source_b`` or source, ``run_b``) when given (None = all tokens).
     ``equalize`` truncates both to the same number of tokens (SteerMoE's "eq" option, first tokens kept).
+    Two labels of one run are read in one pass (`RiskPair`); paired runs in one pass each.
     SteerMoE ``custom_steering.ipynb``"""
     paired_runs = run_b is not None or source_b is not None
-    if not paired_runs and (label_a is None or label_b is None):
-        raise InputError("give label_a and label_b (two behaviours of one run), or run_b/source_b for a second run")
-    second = (source_b if source_b is not None else source, run_b) if paired_runs else (source, run)
-    limit = None
+    if not paired_runs:
+        if label_a is None or label_b is None:
+            raise InputError("give label_a and label_b (two behaviours of one run), or run_b/source_b for a second run")
+        return compute(RiskPair.of(label_a, label_b, equalize), source, run, phase=phase, **how)
+    second = (source_b if source_b is not None else source, run_b)
+    cuts: tuple[Any, Any] = (None, None)
     if equalize:
-        limit = min(_size(source, run, label_a, phase), _size(*second, label_b, phase))
-    one, ctx_a = _behaviour(source, run, label_a, phase, limit, how)
-    two, ctx_b = _behaviour(*second, label_b, phase, limit, how)
-    a, b = ctx_a.meta, ctx_b.meta
-    frames = []
-    for layer in np.intersect1d(a.layer_ids, b.layer_ids):
-        la, lb = a.layer_index(int(layer)), b.layer_index(int(layer))
-        E = int(a.n_experts[la])
-        if E != int(b.n_experts[lb]):
-            raise InputError(f"layer {layer}: the runs have different numbers of experts")
-        a1, a2 = one["a"][la], two["a"][lb]
-        n1, n2 = one["n"], two["n"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rate1, rate2 = a1 / n1, a2 / n2
-        frames.append(
-            pd.DataFrame(
-                {"layer": int(layer), "expert": np.arange(E), "a1": a1, "a2": a2, "d1": n1 - a1,
-                 "d2": n2 - a2, "a1_n": rate1, "a2_n": rate2, "risk_diff": rate1 - rate2,
-                 "risk_diff_abs": np.abs(rate1 - rate2)}
-            )
-        )  # fmt: skip
-    ta, tb = one["n"], two["n"]
-    columns = ["layer", "expert", "a1", "a2", "d1", "d2", "a1_n", "a2_n", "risk_diff", "risk_diff_abs"]
-    df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
-    df = df.sort_values(["risk_diff_abs", "layer", "expert"], ascending=[False, True, True], na_position="last")
-    return result(
-        df, a, "risk_difference", label_a=label_a, label_b=label_b,
-        run_b=None if not paired_runs or b.origin is None else b.origin.run_id, equalize=equalize,
-        n_tokens_a=int(ta), n_tokens_b=int(tb),
-        reference="SteerMoE (arXiv 2509.09660) custom_steering.ipynb",
-    )  # fmt: skip
+        ctx_a, ctx_b = context(source, run, phase=phase), context(*second, phase=phase)
+        limit = min(_size(ctx_a, label_a), _size(ctx_b, label_b))
+        cuts = (_first_tokens(ctx_a, label_a, limit), _first_tokens(ctx_b, label_b, limit))
+    one, ctx_a = compute_partial(RiskCounts(label_a, cuts[0]), source, run, phase=phase, **how)
+    two, ctx_b = compute_partial(RiskCounts(label_b, cuts[1]), *second, phase=phase, **how)
+    return _frame(one, two, ctx_a.meta, ctx_b.meta, label_a=label_a, label_b=label_b,
+                  run_b=None if ctx_b.meta.origin is None else ctx_b.meta.origin.run_id, equalize=equalize)

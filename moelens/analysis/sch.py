@@ -4,11 +4,13 @@ SCH is the hit rate of an expert cache whose eviction can look m tokens ahead (e
 fewest uses in the next m tokens, ties by least recently used), for every cache size at once. It is
 sequential by nature (the cache state depends on every earlier access), so the per-sequence simulation is
 a compiled loop (`_kernels.stack_hits`). Access order inside a token is the stored rank order (descending
-gate weight), as the reference feeds it; it changes the curve (§8.4).
+gate weight), as the reference feeds it; it changes the curve.
 
 Conventions kept from the reference: positions are read before a token's accesses; a first-seen expert is
 credited at the number of distinct experts seen so far (a pre-warmed cache, so the hit rate at C = E is 1);
-the layer curve is the unweighted mean of per-sequence curves. The bootstrap CI (§8.3) is not computed.
+the layer curve is the unweighted mean of per-sequence curves. Its partial is a sum over sequences, so
+`moelens.analysis.bootstrap` gives percentile intervals over sequence resamples (as the reference's CIs) by
+streaming the sampled sequences once: ``bootstrap("sch", store, run)``.
 """
 
 from __future__ import annotations
@@ -84,17 +86,18 @@ class SchCurves(Chunked):
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data, stride = ctx.meta, int(self.sample_every or 1)
         tasks = [(layer, E, k, policy, m) for layer, _, E, k in _caches(data, self.level) for policy, m in self.policies]
-        frames = []
-        for (layer, E, k, policy, m), (curve, used) in zip(tasks, partial["curves"]):
-            sizes = np.arange(1, E + 1)
-            frames.append(
-                pd.DataFrame(
-                    {"layer": layer, "policy": policy, "m": m, "cache_size": sizes, "cache_ratio": sizes / k,
-                     "hit_rate": curve / used if used else np.nan, "n_sequences": int(used)}
-                )
-            )  # fmt: skip
         columns = ["layer", "policy", "m", "cache_size", "cache_ratio", "hit_rate", "n_sequences"]
-        df = pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+        df = pd.DataFrame(columns=columns)
+        if tasks:  # one frame for every (cache, policy) curve at once: a bootstrap finishes hundreds of these
+            layer, E, k, policy, m = (np.array(v) for v in zip(*tasks))
+            used = np.array([u for _, u in partial["curves"]], np.int64)
+            sizes = np.concatenate([np.arange(1, e + 1) for e in E])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rates = [curve / u if u else np.full(e, np.nan) for (curve, u), e in zip(partial["curves"], E)]
+            df = pd.DataFrame(
+                {"layer": np.repeat(layer, E), "policy": np.repeat(policy, E), "m": np.repeat(m, E), "cache_size": sizes,
+                 "cache_ratio": sizes / np.repeat(k, E), "hit_rate": np.concatenate(rates), "n_sequences": np.repeat(used, E)}
+            )  # fmt: skip
         if self.level == "model":
             df = df.drop(columns="layer")
         total = len(ctx.sequences)
@@ -102,7 +105,8 @@ class SchCurves(Chunked):
         return result(
             df, data, "sch", lookahead=list(self.lookahead), level=self.level, lru=self.lru, sample_every=stride,
             sampled=(f"sequences whose hashed seq_id is divisible by {stride} ({chosen} of {total})" if stride > 1 else "every sequence"),
-            access_order="stored rank order (descending gate weight)", bootstrap_ci="not computed",
+            access_order="stored rank order (descending gate weight)",
+            bootstrap_ci="none here: moelens.analysis.bootstrap.bootstrap('sch', ...) adds hit_rate_lo/_hi",
             reference="moe-lrc (arXiv 2505.16056) src/41_sch_calc.py calc_fsf, 50_chr_calc.py calc_lru",
         )  # fmt: skip
 
@@ -119,9 +123,10 @@ def sch(
     **how: Any,
 ) -> pd.DataFrame:
     """Hit-rate curves: per layer (or ``level='model'``: one cache for all layers, ids offset per layer and
-    each token's accesses concatenated in layer order, §8.3), ``policy`` 'sch' for each lookahead ``m`` and
-    'lru' (m = -1), for ``cache_size`` C = 1..E: ``hit_rate`` and ``cache_ratio`` = C / k (per model:
-    C / Σk, the "multiple of the active experts" axis of ``42_sch_refine.py``).
+    each token's accesses concatenated in layer order, as the reference's model-level cache), ``policy``
+    'sch' for each lookahead ``m`` and 'lru' (m = -1), for ``cache_size`` C = 1..E: ``hit_rate`` and
+    ``cache_ratio`` = C / k (per model: C / Σk, the "multiple of the active experts" axis of
+    ``42_sch_refine.py``). Intervals over sequence resamples: ``bootstrap("sch", ...)``.
 
     ``sample_every`` = n simulates about one sequence in n: those whose hashed seq_id is divisible by n
     (`sampled_sequences`; the reference uses every 16th). By default every sequence is used unless the
