@@ -67,7 +67,7 @@ def _perturbed(data: RoutingData) -> RoutingData:
                                    token_text=list(data.token_text()))
 
 
-def render_all(db: Path, warm_db: Path, timeout: float, only: list[str]) -> list[tuple[str, float, float, str, str]]:
+def render_all(db: Path, warm_db: Path, timeout: float, only: list[str], state: dict[str, str]) -> list[tuple[str, float, float, str, str]]:
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -81,6 +81,8 @@ def render_all(db: Path, warm_db: Path, timeout: float, only: list[str]) -> list
         at.session_state["moelens_db"] = str(warm_db)
         at.run()  # imports and components, on a tiny store
         at.session_state["moelens_db"] = str(db)
+        for key, value in state.items():  # widget values, e.g. the Experts page's label filter
+            at.session_state[key] = value
         st.cache_data.clear()
         clear_cache()
         if "workbench.data" in sys.modules:
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--pages", nargs="*", default=[], help="only pages whose file name contains one of these")
     parser.add_argument("--build-only", action="store_true", help="write the --keep store and stop")
+    parser.add_argument("--state", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="widget values set before the timed render, e.g. exp_scope=domain1 (the Experts label filter)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "app_scale.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +130,8 @@ def main() -> None:
         warm = Path(tmp) / "warm.duckdb"
         build(warm, 4096, 4, 16, 4)
         load_before = os.getloadavg()
-        rows = render_all(db, warm, args.timeout, args.pages)
+        state = dict(item.split("=", 1) for item in args.state)
+        rows = render_all(db, warm, args.timeout, args.pages, state)
         load_after = os.getloadavg()
         size = db.stat().st_size
     lines = [
@@ -145,6 +150,7 @@ def main() -> None:
         *(f"Build: {k} {v:.1f} s" for k, v in build_times.items()),
         "",
         f"Pass budget: {data_budget()} routing slots (`MOELENS_PASS_SLOTS`); sections over it wait for Compute.",
+        *([f"Widget state before the render: {', '.join(args.state)}."] if args.state else []),
         "",
         "| page | first render (s) | process peak RSS after it (GiB) | behind Compute | problems |",
         "|---|---:|---:|---|---|",

@@ -48,7 +48,7 @@ def pairs(trace: Trace) -> list[tuple[Tok, Tok]]:
     return [(s[i], s[i + 1]) for s in trace.seqs for i in range(len(s) - 1)]
 
 
-# -- load (§1) ---------------------------------------------------------------------------------------
+# -- load ---------------------------------------------------------------------------------------
 
 
 def load(trace: Trace, layer: int) -> dict[str, float]:
@@ -136,7 +136,7 @@ def domain_summary(trace: Trace, layer: int) -> dict[str, float]:
     }
 
 
-# -- vocabulary (§3), OLMoE's Counter-based algorithm --------------------------------------------------
+# -- vocabulary, OLMoE's Counter-based algorithm --------------------------------------------------
 
 
 def vocabulary(trace: Trace, layer: int, target: str, min_count: int = 1) -> tuple[float, int, dict[int, tuple[float, int]]]:
@@ -175,7 +175,7 @@ def vocabulary(trace: Trace, layer: int, target: str, min_count: int = 1) -> tup
     return (sum(p.values()) / len(p) if p else math.nan), len(p), per_expert
 
 
-# -- co-activation (§5) and transitions ---------------------------------------------------------------
+# -- co-activation and transitions ---------------------------------------------------------------
 
 
 def coactivation(trace: Trace, layer: int, adjacent: bool = False) -> tuple[Counter[int], Counter[tuple[int, int]]]:
@@ -214,7 +214,7 @@ def consistency(trace: Trace, layer: int, next_layer: int) -> dict[str, float]:
     return {"mi_bits": mi, "predictability": sum(best.values()) / n, "baseline": max(b.values()) / n, "h_next": _entropy([v / n for v in b.values()], 2)}
 
 
-# -- repetition (§6) -----------------------------------------------------------------------------------
+# -- repetition -----------------------------------------------------------------------------------
 
 
 def repetition(trace: Trace, layer: int) -> tuple[float, float]:
@@ -227,7 +227,7 @@ def repetition(trace: Trace, layer: int) -> tuple[float, float]:
     return (sum(f) / len(f) if f else math.nan), (sum(o) / len(o) if o else math.nan)
 
 
-# -- SRP (§7.1, micro aggregation per layer) ----------------------------------------------------------
+# -- SRP (micro aggregation per layer) ----------------------------------------------------------
 
 
 def srp(trace: Trace, layer: int | list[int], m: int, expert: int | None = None, label: object = "any") -> tuple[float, int, float]:
@@ -256,7 +256,7 @@ def srp(trace: Trace, layer: int | list[int], m: int, expert: int | None = None,
     return best, theta, (pred_best / act if act else 0.0)
 
 
-# -- SCH / LRU (§8.1-8.2) as a literal list simulation -------------------------------------------------
+# -- SCH / LRU as a literal list simulation -------------------------------------------------
 
 
 def cache_curve(seq: list[list[int]], E: int, m: int | None) -> list[float] | None:
@@ -328,7 +328,7 @@ def sch(trace: Trace, layer: int | None, m: int | None) -> list[float]:
     return [sum(c[i] for c in curves) / len(curves) for i in range(E)] if curves else []
 
 
-# -- agreement (§4) -----------------------------------------------------------------------------------
+# -- agreement -----------------------------------------------------------------------------------
 
 
 def agreement(a: Trace, b: Trace, layer: int) -> tuple[float, float]:
@@ -342,7 +342,7 @@ def agreement(a: Trace, b: Trace, layer: int) -> tuple[float, float]:
     return (sum(top1) / len(top1) if top1 else math.nan), sum(overlap) / len(overlap)
 
 
-# -- nPMI (§10.1) and risk difference (§11.1) ----------------------------------------------------------
+# -- nPMI and risk difference ----------------------------------------------------------
 
 
 def npmi(trace: Trace, layer: int, matches) -> dict[int, float]:
@@ -395,7 +395,7 @@ def committee_share(trace: Trace, layer: int, members: set[int]) -> dict[str, tu
     return out
 
 
-# -- CommitteeAudit (§9) --------------------------------------------------------------------------------
+# -- CommitteeAudit --------------------------------------------------------------------------------
 
 
 def eci(units: list[list[tuple[int, float] | None]], E: int, variant: str) -> list[float]:

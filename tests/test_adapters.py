@@ -109,7 +109,7 @@ def assert_matches_experts_input(site: Any, call: RouterCall, args: tuple, block
         received_pairs = (token_of_row * site.n_experts + expert_of_row).sort().values
         captured_pairs = (torch.arange(n_tokens)[:, None] * site.n_experts + call.experts).flatten().sort().values
         assert torch.equal(received_pairs, captured_pairs)
-        # Gates are applied outside any module: check each slot's weight against its own expert (§3.4 rule),
+        # Gates are applied outside any module: check each slot's weight against its own expert,
         # and that slots keep the gating's top-k order.
         assert torch.equal(call.experts, call.logits.topk(site.top_k, dim=-1).indices)
         torch.testing.assert_close(call.weights, call.logits.gather(1, call.experts).softmax(-1))

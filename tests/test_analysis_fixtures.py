@@ -1,5 +1,6 @@
-"""Every score on the hand-computed fixtures of the papers' definitions (§15 toy, §15.3 8-token SRP, §8.6 SCH fixture A,
-§9.4 CommitteeAudit, §11.3-adjacent RD toy, §5.2 adjacent-pair example)."""
+"""Every score on hand-computed fixtures of the papers' definitions: a 6-token toy, the 8-token SRP example, SCH
+fixture A (computed with moe-lrc's ``calc_fsf``), CommitteeAudit's audit and ECI fixtures (confirmed with its
+``Audit_Committee.py``), a risk-difference toy and OLMoE's adjacent-pair example."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def approx(x: float, rel: float = 1e-4) -> object:
 
 @pytest.fixture
 def toy() -> RoutingData:
-    """§15: one sequence, one layer, 6 tokens, E = 4, k = 2; labels A (t0-t2), B (t3-t5)."""
+    """The toy: one sequence, one layer, 6 tokens, E = 4, k = 2; labels A (t0-t2), B (t3-t5)."""
     return RoutingData.from_arrays(np.array(TOY), n_experts=4, token_id=TOY_TOKENS, labels=["A"] * 3 + ["B"] * 3)
 
 
-def test_load_and_balance_toy(toy: RoutingData) -> None:  # §15.1
+def test_load_and_balance_toy(toy: RoutingData) -> None:
     load = A.expert_load(toy)
     assert load["count"].tolist() == [3, 4, 3, 2]
     assert load["activation_rate"].tolist() == pytest.approx([0.5, 2 / 3, 0.5, 1 / 3])
@@ -64,7 +65,7 @@ def test_empty_layer_is_nan_not_zero() -> None:
     assert A.expert_load(data)["share"].isna().all()
 
 
-def test_repetition_toy(toy: RoutingData) -> None:  # §15.2
+def test_repetition_toy(toy: RoutingData) -> None:
     row = A.repetition(toy).iloc[0]
     assert row["first_choice"] == approx(0.4) and row["n_pairs"] == 5
     assert row["any_overlap"] == approx(0.8)
@@ -74,13 +75,13 @@ def test_repetition_toy(toy: RoutingData) -> None:  # §15.2
 
 
 @pytest.mark.parametrize(("E", "k", "expected"), [(8, 2, 0.4643), (64, 8, 0.6791), (128, 8, 0.4123), (64, 6, 0.4601), (256, 8, 0.2271), (4, 2, 0.8333)])
-def test_uniform_overlap_baselines(E: int, k: int, expected: float) -> None:  # §6
+def test_uniform_overlap_baselines(E: int, k: int, expected: float) -> None:
     from moelens.analysis.repetition import uniform_overlap
 
     assert uniform_overlap(E, k) == pytest.approx(expected, abs=1e-4)
 
 
-def test_srp_toy_and_eight_token_fixture(toy: RoutingData) -> None:  # §15.3
+def test_srp_toy_and_eight_token_fixture(toy: RoutingData) -> None:
     df = A.srp(toy, segment_lengths=(2, 4)).set_index("m")
     assert df.loc[2, "srp"] == approx(0.833333) and df.loc[2, "theta"] == 1 and df.loc[2, "rho"] == approx(1.4)
     assert df.loc[2, "f1_theta0"] == approx(2 / 3) and df.loc[2, "act_rate"] == approx(0.5)
@@ -90,7 +91,7 @@ def test_srp_toy_and_eight_token_fixture(toy: RoutingData) -> None:  # §15.3
     assert row["srp"] == approx(0.75) and row["theta"] == 2 and row["rho"] == approx(1.4)
 
 
-def test_srp_f1_curve_eight_token() -> None:  # §15.3 θ = 0..4 → 0.6667, 0.7143, 0.75, 0.625, 0.3333
+def test_srp_f1_curve_eight_token() -> None:  # θ = 0..4 → 0.6667, 0.7143, 0.75, 0.625, 0.3333
     from moelens.analysis._kernels import jit, window_histograms
     from moelens.analysis.srp import f1_curve
 
@@ -101,7 +102,7 @@ def test_srp_f1_curve_eight_token() -> None:  # §15.3 θ = 0..4 → 0.6667, 0.7
     assert (2 * tp / (pred + act)).tolist() == pytest.approx([0.6667, 0.7143, 0.75, 0.625, 0.3333], abs=1e-4)
 
 
-def test_srp_single_sequence_any_m_and_too_short() -> None:  # §7.4.1: moelens allows any m <= T
+def test_srp_single_sequence_any_m_and_too_short() -> None:  # moelens allows any m <= T
     data = RoutingData.from_arrays(np.array(FIXTURE_A), n_experts=4)
     df = A.srp(data, segment_lengths=(3, 8, 9)).set_index("m")
     assert not math.isnan(df.loc[3, "srp"]) and df.loc[8, "n_windows"] == 1
@@ -112,16 +113,16 @@ def _curves(df: pd.DataFrame) -> dict[object, list[float]]:
     return {(p, m): g.sort_values("cache_size")["hit_rate"].round(4).tolist() for (p, m), g in df.groupby(["policy", "m"])}
 
 
-def test_sch_fixture_a() -> None:  # §8.6
+def test_sch_fixture_a() -> None:
     curves = _curves(A.sch(RoutingData.from_arrays(np.array(FIXTURE_A), n_experts=4), lookahead=(1, 2, 4, 8)))
     assert curves[("sch", 1)] == [0.1875, 0.375, 0.75, 1.0]
     assert curves[("sch", 2)] == [0.1875, 0.5625, 0.875, 1.0]
     assert curves[("sch", 4)] == [0.1875, 0.5625, 0.875, 1.0]
-    assert curves[("sch", 8)] == [0.1875, 0.5, 0.875, 1.0]  # not monotone in m (§8.4)
+    assert curves[("sch", 8)] == [0.1875, 0.5, 0.875, 1.0]  # not monotone in m
     assert curves[("lru", -1)] == [0.1875, 0.375, 0.75, 1.0]
 
 
-def test_sch_toy_and_reversed_order(toy: RoutingData) -> None:  # §15.4
+def test_sch_toy_and_reversed_order(toy: RoutingData) -> None:
     curves = _curves(A.sch(toy, lookahead=(1, 2, 4, 8)))
     third = [0.3333, 0.6667, 0.8333, 1.0]
     assert curves[("sch", 1)] == third and curves[("sch", 2)] == third and curves[("lru", -1)] == third
@@ -138,7 +139,7 @@ def test_sch_cache_ratio_sampling_and_model_level(toy: RoutingData) -> None:
     assert "layer" not in model and model["hit_rate"].tolist() == pytest.approx(df[df.policy == "sch"]["hit_rate"].tolist())
 
 
-def test_coactivation_toy(toy: RoutingData) -> None:  # §15.5
+def test_coactivation_toy(toy: RoutingData) -> None:
     df = A.coactivation(toy).set_index(["expert_i", "expert_j"])
     expected = {(0, 1): 1 / 3, (0, 2): 2 / 3, (0, 3): 0, (1, 0): 0.25, (1, 2): 0.25, (1, 3): 0.5, (2, 0): 2 / 3, (2, 1): 1 / 3, (2, 3): 0, (3, 0): 0, (3, 1): 1.0, (3, 2): 0}
     for pair, value in expected.items():
@@ -150,7 +151,7 @@ def test_coactivation_toy(toy: RoutingData) -> None:  # §15.5
     assert adjacent.attrs["params"]["variant_label"] == "OLMoE adjacent-pair (figure reproduction)"
 
 
-def test_coactivation_adjacent_example() -> None:  # §5.2: (2, 0, 3) → all {2,0},{2,3},{0,3}; adjacent {2,0},{0,3}
+def test_coactivation_adjacent_example() -> None:  # (2, 0, 3) → all {2,0},{2,3},{0,3}; adjacent {2,0},{0,3}
     data = RoutingData.from_arrays(np.array([[2, 0, 3]]), n_experts=4)
     n_all = A.coactivation(data).set_index(["expert_i", "expert_j"])["n_ij"]
     n_adj = A.coactivation(data, variant="adjacent").set_index(["expert_i", "expert_j"])["n_ij"]
@@ -158,7 +159,7 @@ def test_coactivation_adjacent_example() -> None:  # §5.2: (2, 0, 3) → all {2
     assert (n_adj[(2, 0)], n_adj[(2, 3)], n_adj[(0, 3)], n_adj[(3, 0)]) == (1, 0, 1, 1)
 
 
-def test_domain_specialization_toy(toy: RoutingData) -> None:  # §15.6
+def test_domain_specialization_toy(toy: RoutingData) -> None:
     df = A.domain_specialization(toy).set_index(["label", "expert"])
     assert [df.loc[("A", e), "spec"] for e in range(4)] == pytest.approx([1.0, 1 / 3, 2 / 3, 0])
     assert [df.loc[("B", e), "spec"] for e in range(4)] == pytest.approx([0, 1.0, 1 / 3, 2 / 3])
@@ -184,7 +185,7 @@ def test_domain_summary_toy(toy: RoutingData) -> None:
     assert row["js_bits"] == approx(h((a + b) / 2) - (h(a) + h(b)) / 2)
 
 
-def test_vocabulary_toy(toy: RoutingData) -> None:  # §15.7
+def test_vocabulary_toy(toy: RoutingData) -> None:
     assert A.vocabulary_specialization(toy, min_count=1)["score"].iloc[0] == approx(0.888889)
     assert A.vocabulary_specialization(toy, min_count=1, target="next")["score"].iloc[0] == approx(0.666667)
     assert A.vocabulary_specialization(toy, min_count=1)["n_token_ids"].iloc[0] == 3
@@ -215,7 +216,7 @@ def test_expert_top_tokens_toy() -> None:
         A.expert_top_tokens(data, None, 0, 9)
 
 
-def test_npmi_toy(toy: RoutingData) -> None:  # §15.8
+def test_npmi_toy(toy: RoutingData) -> None:
     five = A.npmi(toy, tokens=[5]).set_index("expert")["npmi"]
     assert five[0] == approx(0.261860) and five[1] == approx(0.0, rel=1e-9)
     assert A.npmi(toy, tokens=[7]).set_index("expert")["npmi"][2] == approx(0.386853)
@@ -237,7 +238,7 @@ def test_npmi_predicates_and_combined(toy: RoutingData) -> None:
         A.npmi(data, tokens=[5], regex="x")
 
 
-def test_risk_difference_toy(toy: RoutingData) -> None:  # §15.9
+def test_risk_difference_toy(toy: RoutingData) -> None:
     df = A.risk_difference(toy, label_a="A", label_b="B")
     rd = df.set_index("expert")["risk_diff"]
     assert (rd[0], rd[1], rd[2], rd[3]) == pytest.approx((1.0, -2 / 3, 1 / 3, -2 / 3))
@@ -255,7 +256,7 @@ def test_risk_difference_two_runs_and_equalize(toy: RoutingData) -> None:
     assert eq.attrs["params"]["n_tokens_a"] == eq.attrs["params"]["n_tokens_b"] == 6
 
 
-def test_run_agreement_toy(toy: RoutingData) -> None:  # §15.10
+def test_run_agreement_toy(toy: RoutingData) -> None:
     other = RoutingData.from_arrays(np.array(SECOND_RUN), n_experts=4, token_id=TOY_TOKENS)
     row = A.run_agreement(toy, None, other).iloc[0]
     assert row["topk_overlap"] == approx(0.833333) and row["top1_agreement"] == approx(0.833333)
@@ -288,7 +289,7 @@ def _lists(spec: dict[str, list[tuple[int, float]]], layer: int = 0) -> pd.DataF
     return pd.DataFrame(rows, columns=["layer", "domain", "rank", "expert", "value"])
 
 
-def test_committee_fixture_1() -> None:  # §9.4
+def test_committee_fixture_1() -> None:
     lists = _lists({"D1": [(5, 0.30), (2, 0.20), (7, 0.10)], "D2": [(2, 0.25), (5, 0.22), (1, 0.15)], "D3": [(5, 0.28), (3, 0.18), (2, 0.12)]})
     row = A.audit_committee(lists).iloc[0]
     assert row["committee"] == [5] and row["size"] == 1
@@ -298,7 +299,7 @@ def test_committee_fixture_1() -> None:  # §9.4
     assert A.audit_committee(lists, n_experts=8)["ratio_reference_pool"].iloc[0] == pytest.approx(50.4)
 
 
-def test_committee_fixture_2() -> None:  # §9.4: two incomparable members
+def test_committee_fixture_2() -> None:  # two incomparable members
     lists = _lists({"D1": [(5, 0.30), (2, 0.20), (7, 0.10)], "D2": [(5, 0.26), (2, 0.20), (1, 0.15)], "D3": [(3, 0.24), (2, 0.22), (5, 0.12)]})
     row = A.audit_committee(lists).iloc[0]
     assert row["committee"] == [5, 2]
@@ -306,7 +307,7 @@ def test_committee_fixture_2() -> None:  # §9.4: two incomparable members
     assert round(row["coverage"], 4) == 0.7263 and round(row["ratio"], 1) == 82.2  # reference prints 82.24 from rounded inputs
 
 
-def test_committee_long_format_fixture() -> None:  # §9.4
+def test_committee_long_format_fixture() -> None:
     rows = pd.DataFrame(
         [("A", 1, 0.6, 0), ("A", 2, 0.4, 1), ("A", 1, 0.5, 0), ("A", 3, 0.5, 1), ("B", 1, 0.7, 0), ("B", 3, 0.3, 1)],
         columns=["domain", "expert_idx", "expert_weight", "topk_rank"],
@@ -318,7 +319,7 @@ def test_committee_long_format_fixture() -> None:  # §9.4
     assert round(row["coverage"], 4) == 0.6098 and round(row["ratio"], 2) == 98.44
 
 
-def test_eci_fixture() -> None:  # §9.4 ECI fixture
+def test_eci_fixture() -> None:  # ECI fixture
     from moelens.analysis.committee import contribution_index
 
     exp, w = np.array([[0], [-1], [0], [0]]), np.array([[0.5], [0.0], [0.3], [0.4]])

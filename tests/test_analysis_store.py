@@ -16,7 +16,7 @@ TOY = [[0, 1], [0, 2], [2, 0], [3, 1], [3, 1], [1, 2]]
 
 
 def _toy_run(store: TraceStore) -> int:
-    """§15 toy written row by row, with a dropped token (expert -1) and a weight-0 slot added at pos 6-7."""
+    """The 6-token toy written row by row, with a dropped token (expert -1) and a weight-0 slot added at pos 6-7."""
     run = store.create_run("toy", n_experts=4, top_k=2)
     experts = TOY + [[-1, -1], [2, 3]]
     weights = [[0.6, 0.4]] * 6 + [[0.0, 0.0], [1.0, 0.0]]

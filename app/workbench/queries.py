@@ -10,16 +10,6 @@ import streamlit as st
 from workbench.data import Progress, _freeze, batch, run_key, run_size, within_budget
 
 
-def _one_step(compute: Any) -> Any:
-    """A pass with no batches of its own to report: ``run(progress)`` reporting 0 of 1, then 1 of 1."""
-    def run(progress: Progress) -> Any:
-        progress(0, 1)
-        value = compute()
-        progress(1, 1)
-        return value
-    return run
-
-
 @st.cache_data(show_spinner=False, max_entries=64)
 def bootstrapped(db: str, key: tuple, name: str, run: int, n_boot: int, seed: int, params: tuple,
                  _budget: int | None = None) -> pd.DataFrame:

@@ -100,7 +100,7 @@ class CoactivationCounts(Chunked):
 def coactivation(source: Any, run: int | None = None, *, phase: str | None = None, variant: str = "all", **how: Any) -> pd.DataFrame:
     """Per layer and ordered pair i ≠ j: ``n_i`` tokens with i in the top-k, ``n_ij`` co-occurrences,
     ``p_j_given_i`` = n_ij / n_i (asymmetric), ``jaccard`` = n_ij / (n_i + n_j − n_ij), expert–expert
-    ``npmi`` (§10.4) and the uniform ``baseline`` (k−1)/(E−1). ``variant='adjacent'`` reproduces OLMoE's
+    ``npmi`` and the uniform ``baseline`` (k−1)/(E−1). ``variant='adjacent'`` reproduces OLMoE's
     ``do_coactivation_analysis`` (rank-adjacent pairs only)."""
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {list(VARIANTS)}, not {variant!r}")

@@ -4,7 +4,7 @@ The question: is there a small set of experts per layer that every domain relies
 committee"), rather than domain specialists? Stage I ranks experts per (domain, layer) by an Expert
 Contribution Index; Stage III keeps the experts ranked consistently high in (almost) every domain's list.
 
-Variants, because the shipped code and the paper differ (§9.3): ECI ``minmax`` (shipped code: min–max
+Variants, because the shipped code and the paper differ: ECI ``minmax`` (shipped code: min–max
 normalised mean weight × frequency), ``frequency`` (``get_frequency_data.py``), ``expected`` (the paper's
 E[G_i]). The audit takes the true E for the influence ratio (the reference guesses it from the largest id:
 wrong for E = 8 or any E not in {64, 128, 256}); the reference's value is reported beside it. Stage II
@@ -35,7 +35,7 @@ def contribution_index(experts: np.ndarray, weights: np.ndarray, n_experts: int,
     """ECI of every expert over N units (``[N, K]`` ids and gate weights of one layer and domain).
 
     ``minmax``: f_i · mean_x (W_xi − min_x W_xi) / (max_x W_xi − min_x W_xi + 1e-6) with W_xi the gate weight
-    if selected else 0; ``frequency``: f_i; ``expected``: mean_x W_xi. (§9.1; ECI fixture §9.4.)
+    if selected else 0; ``frequency``: f_i; ``expected``: mean_x W_xi. (CommitteeAudit, arXiv 2601.03425, Stage I.)
     """
     stats = eci_stats(experts, weights, np.zeros(len(experts), np.int64), 1, n_experts)
     return eci_from_stats(*(v[0] for v in stats), variant)
@@ -161,7 +161,7 @@ def _check(eci: str, unit: str) -> None:
 
 
 def reference_pool(max_expert_id: int) -> int:
-    """The expert count the reference audit infers from the largest id seen (§9.2)."""
+    """The expert count the reference audit infers from the largest id seen."""
     for pool in (64, 128, 256):
         if max_expert_id < pool:
             return pool
@@ -253,7 +253,7 @@ def committee_lists_from_long(rows: pd.DataFrame, *, agg: str = "mean", list_len
     [, topk_rank]): weight aggregated per (layer, domain, expert) with ``agg`` (mean over the rows where the
     expert appears, sum or median), sorted by it (ties by mean rank, full ties by the lower expert id: the
     reference's ``groupby`` sorts its keys and its sort is stable), cut to K = ``list_length``, else
-    max(topk_rank) + 1, else the most distinct experts in any group, padded with expert -1 / 0.0 (§9.2)."""
+    max(topk_rank) + 1, else the most distinct experts in any group, padded with expert -1 / 0.0."""
     if agg not in ("mean", "sum", "median"):
         raise InputError(f"agg must be mean, sum or median, not {agg!r}")
     has_rank = "topk_rank" in rows
@@ -356,7 +356,7 @@ def committee_share(
     """Per (layer, label): the committee's ``count_share`` of routed slots and ``mass_share`` of gate mass
     over the label's units (all tokens by default). ``committee`` is a `standing_committee` result or
     {layer: [experts]}; by default it is computed with ``committee_params`` (a second pass). [moelens]
-    (the paper's "captures the majority of routing mass" is relative to the top-K lists only, §9.3)."""
+    (the paper's "captures the majority of routing mass" is relative to the top-K lists only)."""
     how = {k: committee_params.pop(k) for k in list(committee_params) if k in HOW_OPTIONS}
     if committee is None:  # the committee's Stage I statistics and the shares from one pass
         params = {**_COMMITTEE_DEFAULTS, **committee_params}

@@ -3,7 +3,7 @@
 Why nPMI: it is bounded in [−1, 1] and corrects for both the expert's overall load and the predicate's
 frequency, so a busy expert does not win by default (unlike raw co-occurrence counts). The RICE estimator
 and its composite score come from summaries of the paper (not verified against the PDF); the estimator
-here is the moelens one of §10.1 over all token positions of one layer.
+here is moelens' own: nPMI of (predicate, expert in the top-k) over all token positions of one layer.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ expert offloading and caching need.
 Differences from the reference code, on purpose: any m ≤ T is allowed (the reference's
 doubling loop is bounded by the number of sequences and silently skips m, and outputs nothing for one
 sequence); expert ids are not limited to int8; the model's recorded choice is used, not a top-k
-recomputed from bf16 logits. The bootstrap CI (§7.3) is not computed.
+recomputed from bf16 logits. Intervals over sequences (the paper's bootstrap, arXiv 2505.16056): `moelens.analysis.bootstrap`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class SrpHistograms(Chunked):
             df = df.drop(columns="label")
         return result(
             df, data, "srp", segment_lengths=list(self.segment_lengths), level=self.level, by_label=self.by_label,
-            bootstrap_ci="not computed", windows="every stride-1 window of m tokens inside one sequence",
+            bootstrap_ci="none here: moelens.analysis.bootstrap.bootstrap('srp', ...) adds srp_lo/_hi", windows="every stride-1 window of m tokens inside one sequence",
             reference="moe-lrc (arXiv 2505.16056) src/30_srp_calc.py, 31_srp_refine.py",
         )  # fmt: skip
 

@@ -3,9 +3,9 @@
 The edits are architecture-independent vectors over a router's experts:
 
 * ``offset`` — added to the router's logits before its own top-k: -inf disables (reroute), +1e4 forces (+inf
-  would give NaN in softmax routers, §6.4), boosts add their value (times the layer's logit std in ``std`` units);
+  would give NaN in softmax routers), boosts add their value (times the layer's logit std in ``std`` units);
 * ``bias`` — added to a DeepSeek-V3-family ``e_score_correction_bias``: selection there uses ``score + bias``,
-  so a -inf logit alone leaves a large-bias expert selected with weight 0 (§6.3); -inf / +1e4 like ``offset``;
+  so a -inf logit alone leaves a large-bias expert selected with weight 0; -inf / +1e4 like ``offset``;
 * ``scale`` — multiplies the gate weights at the experts' inputs (gate_scale β, and 0 for ``mode="zero"``);
 * ``top_k`` — the router's experts per token (its own routing function with another k);
 * ``top_p`` / ``k_max`` — dynamic routing: the router's rule with a per-token set size (`moelens.adapters.routing`);

@@ -4,7 +4,7 @@ A spec is stored with every steered run (``runs.intervention``), written to file
 app, so it must round-trip through JSON exactly and must not need a model to be read. Checking it against a
 model (do the layers and experts exist?) happens when it is applied (`moelens.steering.steer`).
 
-Pairs are ``(layer, expert)`` with the model's own layer index (DESIGN.md: never pool an expert across layers).
+Pairs are ``(layer, expert)`` with the model's own layer index (an expert is never pooled across layers).
 In JSON a pair is ``[layer, expert]``; hand-written files may also use the CLI's ``"L:E"`` strings.
 """
 
