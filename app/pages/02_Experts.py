@@ -65,7 +65,9 @@ if bal is not None:
             else:
                 st.success("No dead experts: every expert was chosen at least once in every layer.")
 
-shared = page.call_on("shared_expert_stats", label) if label is not None else page.call("shared_expert_stats", quiet=True)
+shared = page.call("shared_expert_stats", quiet=True)  # bounded reads: tells at once whether the run has any
+if label is not None and shared is not None and len(shared):
+    shared = page.call_on("shared_expert_stats", label)
 if shared is not None and len(shared):
     st.markdown("**Shared experts** (always active; gate value per token)")
     ui.table(shared, "exp_shared", ui.slug(page, "shared"))
