@@ -35,6 +35,7 @@ def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
     return [
         ("domain_summary", {}), ("domain_summary", {"phase": "generated"}),
         ("repetition", {"permutation": False}), ("repetition", {"permutation": False, "by_label": True, "phase": "prompt"}),
+        ("repetition", {}), ("repetition", {"by_label": True}), ("repetition", {"by_label": True, "phase": "generated"}),
         ("npmi", {"label": "domain1"}), ("npmi", {"tokens": frequent, "phase": "prompt"}),
         ("npmi", {"tokens": [frequent[0], 10**6], "layer": layer}), ("npmi", {"regex": "^t1", "phase": "generated"}),
         ("npmi_combined", {"targets": [(1.0, {"label": "domain0"}), (-0.5, {"tokens": frequent[:2]})], "phase": "generated"}),
@@ -49,7 +50,7 @@ def _answered(frequent: list[int], layer: int) -> list[tuple[str, dict]]:
 
 #: Parameters whose answer needs the routing (documented in each score's ``from_summaries``).
 STREAMED = [
-    ("repetition", {}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
+    ("repetition", {"seed": 3}), ("committee_share", {"committee": {0: [1]}, "unit": "last_prompt_token"}),
     ("standing_committee", {"unit": "token"}),
 ]  # fmt: skip
 
@@ -76,6 +77,29 @@ def test_summary_finishes_equal_the_streamed_pass(tmp_path, seed: int) -> None:
     A.clear_cache()
     with pytest.raises(NeedsFullPass):
         A.npmi(store, run, regex="^t1", max_pass_slots=0)
+
+
+def test_permutation_baseline_merges_the_cells_samples(tmp_path, monkeypatch) -> None:
+    """Groups far larger than the token sample: the sample of a union of (label, phase) cells is the lowest
+    hashes of the cells' own samples, so every grouping and phase filter equals the streamed sample."""
+    import importlib
+
+    for module in (importlib.import_module("moelens.analysis.repetition"), importlib.import_module("moelens.analysis.summaries")):
+        monkeypatch.setattr(module, "PERM_SAMPLE", 40)
+    store = TraceStore(tmp_path / "traces.duckdb")
+    run, _ = _run(store, 11)
+    cases = [{}, {"by_label": True}, {"phase": "prompt"}, {"by_label": True, "phase": "generated"}]
+    A.clear_cache()
+    streamed = [A.repetition(store, run, target_slots=900, **params) for params in cases]
+    tables = summarize(store, run)
+    assert tables["permutation_sample"].num_rows <= 40 * (4 * 3) and tables["routed_tokens"].num_rows > 0
+    with store.connect(write=True) as con:
+        con.execute("DELETE FROM routing WHERE run_id = ?", [run])
+    A.clear_cache()
+    for params, expected in zip(cases, streamed):
+        got = A.repetition(store, run, max_pass_slots=0, **params)
+        assert_same(got, expected, f"repetition {params}")
+        assert got["perm_overlap"].notna().all()
 
 
 def test_risk_difference_of_two_runs_and_equalize(tmp_path) -> None:

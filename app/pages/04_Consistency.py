@@ -22,8 +22,8 @@ page = ui.setup(
 
 ci = ui.ci_controls("cons")
 st.header("Consecutive-token repetition")
-rep = page.call_ci("repetition", ci)  # with the shuffled-pairs baselines: on a big run these wait for Compute
-if rep is None:  # meanwhile the observed rates and the uniform / Σq² baselines, from the run's summaries
+rep = page.call_ci("repetition", ci)  # with the shuffled-pairs baselines (from the summaries, else a pass)
+if rep is None:  # while that pass waits for Compute: the observed rates and the uniform / Σq² baselines
     rep = page.call_ci("repetition", ci, permutation=False)
 if rep is not None:
     ui.figure(viz.repetition_chart(rep), "cons_rep", ui.slug(page, "repetition"),

@@ -46,6 +46,7 @@ class RepetitionCounts(Chunked):
     by_label: bool = False
     seed: int = 0
     permutation: bool = True
+    label_summaries = True  # every summary it reads is keyed by label: a label filter answers from them too
 
     def map(self, batch: RoutingData) -> dict[str, Any]:
         groups = _groups(batch, self.by_label)
@@ -78,25 +79,31 @@ class RepetitionCounts(Chunked):
         return {"counts": layers, "sample": samples}
 
     def from_summaries(self, store: Any, ctx: Context) -> Any:
-        """Without ``permutation`` (for any phase filter): pair counts from ``repetition``, group sizes from
-        ``tokens``, first-choice counts from ``expert_counts``. The permutation baselines need the groups'
-        routed-token counts and a token sample that no summary holds: None (streamed)."""
-        from moelens.analysis.summary_partials import label_rows, label_tables, pair_counts_by_label
+        """For any phase filter: pair counts from ``repetition``, group sizes from ``tokens``, first-choice
+        counts from ``expert_counts``; the permutation baselines (``seed=0``, the seed the summary's sample is
+        drawn with) from ``routed_tokens`` and ``permutation_sample``. Another seed: None (streamed)."""
+        from moelens.analysis.summary_partials import label_rows, label_tables, pair_counts_by_label, permutation_sample
 
         tables, pairs = label_tables(store, ctx, "top1"), pair_counts_by_label(store, ctx)
-        if self.permutation or tables is None or pairs is None:
+        if tables is None or pairs is None or (self.permutation and self.seed != 0):
             return None
         n_tok, (top1,) = tables
-        codes: list[int | None] = list(range(len(n_tok))) if self.by_label else [None]
+        codes: list[int | None] = list(range(len(n_tok))) if self.by_label else [None]  # code D = unlabelled
+        routed, samples = [np.zeros(len(codes), np.int64)] * ctx.meta.n_layers, [None for _ in codes]
+        if self.permutation:
+            found = permutation_sample(store, ctx, [None if c is None else c if c < len(n_tok) - 1 else -1 for c in codes], PERM_SAMPLE)
+            if found is None:
+                return None
+            routed, samples = found
         layers = []
         for li in range(ctx.meta.n_layers):
             per_group = []
-            for code in codes:
+            for gi, code in enumerate(codes):
                 n, (q,) = label_rows(n_tok, [top1[li]], code)
                 p = pairs[li].sum(axis=1) if code is None else pairs[li][:, code]
-                per_group.append(np.r_[p, 0, n, q].astype(np.int64))  # routed-token count: only the permutation needs it
+                per_group.append(np.r_[p, routed[li][gi], n, q].astype(np.int64))
             layers.append(per_group)
-        return {"counts": layers, "sample": [None for _ in codes]}
+        return {"counts": layers, "sample": samples}
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> pd.DataFrame:
         data = ctx.meta

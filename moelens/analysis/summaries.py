@@ -18,7 +18,12 @@ two tokens' phases differ; ``label`` NULL = unlabelled):
 * ``repetition``: layer, label, phase, n_pairs, same_first, n_overlap_pairs, overlap (consecutive pairs);
 * ``committee_units``: layer, label, phase (always prompt), expert, n_units, count, gate_mass, gate_max,
   gate_min — the CommitteeAudit statistics over each labelled sequence's last prompt token, every expert of
-  every label with units (``gate_max`` 0 / ``gate_min`` +inf where never selected).
+  every label with units (``gate_max`` 0 / ``gate_min`` +inf where never selected);
+* ``routed_tokens``: layer, label, phase, n (tokens with at least one routed expert at that layer);
+* ``permutation_sample``: label, phase, seq_id, pos, bits — per (label, phase) cell the `PERM_SAMPLE` tokens
+  with the lowest seed-0 hash of (seq_id, pos), each with its routed-expert bitsets of every layer
+  (``bits``: layers × words uint64, words = ⌈max E / 64⌉). The lowest hashes of a union of cells are the lowest
+  of their samples, so repetition's permutation baseline of any phase filter and label grouping is a merge.
 
 This module writes them; scores read them back as partials through `moelens.analysis.summary_partials`.
 """
@@ -33,14 +38,15 @@ import pyarrow as pa
 
 from moelens.analysis._common import consecutive_pairs, group_expert_counts
 from moelens.analysis._sets import bitsets, intersection_size
-from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, compute_partial
+from moelens.analysis.chunked import Chunked, Context, High, Keyed, Low, Lowest, compute_partial, position_hash, position_order
 from moelens.analysis.coactivation import grouped_pair_counts
 from moelens.analysis.committee import eci_stats, unit_tokens
 from moelens.analysis.data import PHASES, RoutingData
-from moelens.analysis.repetition import first_choice_repeats
+from moelens.analysis.repetition import PERM_SAMPLE, first_choice_repeats
 from moelens.analysis.vocabulary import order_key, token_expert_table
 
-NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units")
+NAMES = ("expert_counts", "tokens", "coactivation", "transitions", "token_experts", "token_ids", "repetition", "committee_units",
+         "routed_tokens", "permutation_sample")
 
 #: Phase codes in the summaries' arrays: index = PHASES code + 1 (0 = unknown).
 _P = len(PHASES) + 1
@@ -63,8 +69,10 @@ class RunSummary(Chunked):
             "tokens": np.bincount(cell, minlength=G * _P),
             "token_ids": Keyed((tok * _P + phase)[tok >= 0], {"n": np.ones(int((tok >= 0).sum()), np.int64)}, {"n": "sum"}),
             "count": [], "top1": [], "mass": [], "pairs": [], "transitions": [], "token_experts": [], "repetition": [],
-            "committee_units": [],
+            "committee_units": [], "routed": [],
         }  # fmt: skip
+        words = max(1, -(-int(batch.n_experts.max(initial=1)) // 64))
+        sets = np.zeros((batch.n_tokens, batch.n_layers, words), np.uint64)  # every layer's bitsets, for the sample
         units = unit_tokens(batch, "last_prompt_token")
         order = order_key(batch, np.arange(batch.n_tokens))
         known = np.flatnonzero(tok >= 0)
@@ -80,7 +88,9 @@ class RunSummary(Chunked):
                 out["transitions"].append(_phase_transitions(exp, batch.experts[li + 1], phase, E, int(batch.n_experts[li + 1])))
             out["token_experts"].append(token_expert_table(exp[known], E, cell_ids, cell_code, order[known]))
             bits = bitsets(exp, E)
+            sets[:, li, : bits.shape[1]] = bits
             has_any = bits.any(axis=1)
+            out["routed"].append(np.bincount(cell[has_any], minlength=G * _P))
             valid, same = first_choice_repeats(batch, li, pairs)
             overlap_ok = has_any[pairs] & has_any[pairs + 1]
             overlap = intersection_size(bits[pairs], bits[pairs + 1]) > 0
@@ -88,6 +98,12 @@ class RunSummary(Chunked):
             out["repetition"].append(np.stack([np.bincount(pair_cell, weights=w, minlength=G * _P).astype(np.int64) for w in (valid, same, overlap_ok, overlap)]))
             n, selected, unit_mass, top, low = eci_stats(exp[units], batch.weights[li, units], batch.label[units], D, E)
             out["committee_units"].append((n, selected, unit_mass, High(top), Low(low)))
+        key, order = position_hash(batch.seq_id, batch.pos, 0), position_order(batch.seq_id, batch.pos)
+        lowest = (rows[np.lexsort((order[rows], key[rows]))[:PERM_SAMPLE]] for rows in (np.flatnonzero(cell == c) for c in range(G * _P)))
+        out["permutation_sample"] = [
+            Lowest(key[rows], order[rows], {"seq": batch.seq_id[rows], "pos": batch.pos[rows], "bits": sets[rows]}, PERM_SAMPLE)
+            for rows in lowest
+        ]
         return out
 
     def finish(self, partial: dict[str, Any], ctx: Context) -> dict[str, pa.Table]:
@@ -135,7 +151,8 @@ def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
     n_tok = partial["tokens"]
     keep = n_tok > 0
     out["tokens"] = cols(label=labels[cells[keep] // _P], phase=phases[cells[keep] % _P], n_tokens=n_tok[keep].astype(np.int64))
-    frames: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ("expert_counts", "coactivation", "transitions", "token_experts", "repetition", "committee_units")}
+    frames: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ("expert_counts", "coactivation", "transitions", "token_experts", "repetition",
+                                                                          "committee_units", "routed_tokens")}
     for li, layer in enumerate(data.layer_ids):
         E = int(data.n_experts[li])
         count, top1, mass = partial["count"][li], partial["top1"][li], partial["mass"][li]
@@ -173,8 +190,22 @@ def _tables(partial: dict[str, Any], data: RoutingData) -> dict[str, pa.Table]:
                  n_units=n[d].astype(np.int64), count=selected[d, e].astype(np.int64), gate_mass=unit_mass[d, e].astype(np.float64),
                  gate_max=top.value[d, e].astype(np.float64), gate_min=low.value[d, e].astype(np.float64))
         )  # fmt: skip
+        routed = partial["routed"][li]
+        c = np.flatnonzero(routed)
+        frames["routed_tokens"].append(dict(layer=np.full(len(c), layer, np.int16), label=labels[c // _P], phase=phases[c % _P],
+                                            n=routed[c].astype(np.int64)))  # fmt: skip
     for name, parts in frames.items():
         out[name] = pa.concat_tables([cols(**part) for part in parts]) if parts else pa.table({})
+    samples = [(c, sample) for c, sample in enumerate(partial["permutation_sample"]) if len(sample.key)]
+    bits = [sample.columns["bits"].reshape(len(sample.key), -1) for _, sample in samples]
+    flat = np.concatenate(bits) if bits else np.zeros((0, 1), np.uint64)
+    out["permutation_sample"] = pa.table({
+        "label": pa.array([labels[c // _P] for c, sample in samples for _ in sample.key], pa.string()),
+        "phase": pa.array([phases[c % _P] for c, sample in samples for _ in sample.key], pa.string()),
+        "seq_id": np.concatenate([s.columns["seq"] for _, s in samples]).astype(np.int32) if samples else np.zeros(0, np.int32),
+        "pos": np.concatenate([s.columns["pos"] for _, s in samples]).astype(np.int32) if samples else np.zeros(0, np.int32),
+        "bits": pa.ListArray.from_arrays(np.arange(len(flat) + 1, dtype=np.int32) * flat.shape[1], pa.array(flat.ravel(), pa.uint64())),
+    })  # fmt: skip
     ids, n = partial["token_ids"].table()
     out["token_ids"] = cols(phase=phases[ids % _P], token_id=(ids // _P).astype(np.int32), n=n["n"])
     return {name: out[name] for name in NAMES}

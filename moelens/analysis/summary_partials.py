@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low, NeedsFullPass
+from moelens.analysis.chunked import Context, Firsts, High, Keyed, Low, Lowest, NeedsFullPass, position_hash, position_order
 from moelens.analysis.data import RoutingData
 from moelens.store.schema import summary_table
 
@@ -99,6 +99,35 @@ def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int
     """(summary ``name``'s rows, their label codes (D = unlabelled), D), or None when not materialised."""
     rows = read(store, ctx, name)
     return None if rows is None else (rows, label_codes(rows, ctx.meta), len(ctx.meta.label_names))
+
+
+def permutation_sample(store: Any, ctx: Context, groups: Sequence[int | None], limit: int) -> tuple[list[np.ndarray], list[Lowest]] | None:
+    """`moelens.analysis.repetition.RepetitionCounts`'s permutation statistics per group (a label code, -1 =
+    unlabelled, None = every token): per layer ``[groups]`` tokens with a routed expert, from ``routed_tokens``,
+    and per group the ``limit`` tokens of lowest seed-0 hash with their bitsets, merged from the cells of
+    ``permutation_sample`` (the lowest of a union are the lowest of its cells' lowest)."""
+    routed, sample = _labelled(store, ctx, "routed_tokens"), _labelled(store, ctx, "permutation_sample")
+    if routed is None or sample is None:
+        return None
+    (rows, codes, D), (tokens, token_codes, _) = routed, sample
+
+    def member(of: np.ndarray, group: int | None) -> np.ndarray:
+        return np.ones(len(of), bool) if group is None else of == (D if group < 0 else group)
+
+    n = rows["n"].to_numpy()
+    counts = [np.array([n[(rows["layer"] == layer).to_numpy() & member(codes, g)].sum() for g in groups], np.int64)
+              for layer in ctx.meta.layer_ids]  # fmt: skip
+    L = ctx.meta.n_layers
+    seq, pos = tokens["seq_id"].to_numpy(), tokens["pos"].to_numpy()
+    bits = np.stack(tokens["bits"].to_numpy()).astype(np.uint64).reshape(len(tokens), L, -1) if len(tokens) else np.zeros((0, L, 1), np.uint64)
+    key, order = position_hash(seq, pos, 0), position_order(seq, pos)
+    words = [max(1, -(-int(E) // 64)) for E in ctx.meta.n_experts]
+    samples = []
+    for g in groups:
+        m = member(token_codes, g)
+        columns = {"seq": seq[m].astype(np.int32), "pos": pos[m].astype(np.int32), **{f"bits{li}": bits[m, li, : words[li]] for li in range(L)}}
+        samples.append(Lowest(key[m], order[m], columns, limit))
+    return counts, samples
 
 
 def committee_units(store: Any, ctx: Context) -> list[tuple[Any, ...]] | None:
