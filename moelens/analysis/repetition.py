@@ -180,10 +180,9 @@ def _overlap_rate(sample: Lowest, li: int) -> float:
     bits = sample.columns[f"bits{li}"]
     ok = bits.any(axis=1)
     bits, seq, pos = bits[ok], sample.columns["seq"][ok].astype(np.int64), sample.columns["pos"][ok].astype(np.int64)
-    hits = valid = 0
-    for a in range(0, len(bits), 256):
-        share = np.bitwise_count(bits[a : a + 256, None, :] & bits[None, :, :]).sum(axis=2) > 0
-        near = (seq[a : a + 256, None] == seq[None, :]) & (np.abs(pos[a : a + 256, None] - pos[None, :]) <= 1)
-        hits += int((share & ~near).sum())
-        valid += int((~near).sum())
-    return hits / valid if valid else float("nan")
+    far = (seq[:, None] != seq[None, :]) | (np.abs(pos[:, None] - pos[None, :]) > 1)  # not itself, not a neighbour
+    share = np.zeros(far.shape, bool)
+    for w in range(bits.shape[1]):  # two sets meet when any word of them does
+        share |= (bits[:, None, w] & bits[None, :, w]) != 0
+    valid = int(far.sum())
+    return int((share & far).sum()) / valid if valid else float("nan")
