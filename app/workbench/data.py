@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import inspect
 import os
 import threading
 import time
@@ -364,8 +363,9 @@ def _kept(ident: tuple, _value: Any = None) -> Any:
 
 def takes_how(name: str) -> bool:
     """Whether ``moelens.analysis.<name>`` accepts the pass options (``progress``, ``max_pass_slots``)."""
-    sig = inspect.signature(_function(name))
-    return "max_pass_slots" in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    from moelens.analysis.registry import takes_how as accepts
+
+    return accepts(_function(name))
 
 
 def _how(name: str, budget: int | None, progress: Progress | None = None) -> dict[str, Any]:

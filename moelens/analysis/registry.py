@@ -249,15 +249,20 @@ def run_score(store: Any, run: int | None, name: str, **params: Any) -> pd.DataF
     return spec.function(store, run, **params, **how)
 
 
+def takes_how(function: Callable[..., Any]) -> bool:
+    """Whether a score function accepts the options of `HOW_OPTIONS` (the pass budget, progress, a label filter)."""
+    sig = inspect.signature(function)
+    return "max_pass_slots" in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
 def _label_filter(spec: ScoreSpec, params: dict[str, Any], how: dict[str, Any]) -> None:
     """Route ``only_label`` to the score: the pruning scores take it as their own ``label`` filter; a score that
     compares labels, or one without the pass options, is refused (one label leaves nothing to compare)."""
     if spec.needs in ("labels", "two labels or a second run"):
         raise InputError(f"{spec.name} compares sequence labels: a label filter leaves one; leave it out")
-    sig = inspect.signature(spec.function)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    if takes_how(spec.function):
         return
-    if "label" in sig.parameters and params.get("label") is None:
+    if "label" in inspect.signature(spec.function).parameters and params.get("label") is None:
         params["label"] = how.pop("only_label")
         return
     raise InputError(f"{spec.name} takes no label filter; leave it out")

@@ -91,7 +91,7 @@ class RepetitionCounts(Chunked):
         codes: list[int | None] = list(range(len(n_tok))) if self.by_label else [None]  # code D = unlabelled
         routed, samples = [np.zeros(len(codes), np.int64)] * ctx.meta.n_layers, [None for _ in codes]
         if self.permutation:
-            found = permutation_sample(store, ctx, [None if c is None else c if c < len(n_tok) - 1 else -1 for c in codes], PERM_SAMPLE)
+            found = permutation_sample(store, ctx, codes, PERM_SAMPLE)
             if found is None:
                 return None
             routed, samples = found

@@ -71,8 +71,10 @@ class RunSummary(Chunked):
             "count": [], "top1": [], "mass": [], "pairs": [], "transitions": [], "token_experts": [], "repetition": [],
             "committee_units": [], "routed": [],
         }  # fmt: skip
-        words = max(1, -(-int(batch.n_experts.max(initial=1)) // 64))
-        sets = np.zeros((batch.n_tokens, batch.n_layers, words), np.uint64)  # every layer's bitsets, for the sample
+        hashed, place = position_hash(batch.seq_id, batch.pos, 0), position_order(batch.seq_id, batch.pos)
+        sampled = [rows[np.lexsort((place[rows], hashed[rows]))[:PERM_SAMPLE]] for rows in (np.flatnonzero(cell == c) for c in range(G * _P))]
+        at = np.concatenate(sampled)  # each cell's candidates for the permutation sample: the loop keeps their bitsets
+        sets = np.zeros((len(at), batch.n_layers, max(1, -(-int(batch.n_experts.max(initial=1)) // 64))), np.uint64)
         units = unit_tokens(batch, "last_prompt_token")
         order = order_key(batch, np.arange(batch.n_tokens))
         known = np.flatnonzero(tok >= 0)
@@ -88,7 +90,7 @@ class RunSummary(Chunked):
                 out["transitions"].append(_phase_transitions(exp, batch.experts[li + 1], phase, E, int(batch.n_experts[li + 1])))
             out["token_experts"].append(token_expert_table(exp[known], E, cell_ids, cell_code, order[known]))
             bits = bitsets(exp, E)
-            sets[:, li, : bits.shape[1]] = bits
+            sets[:, li, : bits.shape[1]] = bits[at]
             has_any = bits.any(axis=1)
             out["routed"].append(np.bincount(cell[has_any], minlength=G * _P))
             valid, same = first_choice_repeats(batch, li, pairs)
@@ -98,11 +100,10 @@ class RunSummary(Chunked):
             out["repetition"].append(np.stack([np.bincount(pair_cell, weights=w, minlength=G * _P).astype(np.int64) for w in (valid, same, overlap_ok, overlap)]))
             n, selected, unit_mass, top, low = eci_stats(exp[units], batch.weights[li, units], batch.label[units], D, E)
             out["committee_units"].append((n, selected, unit_mass, High(top), Low(low)))
-        key, order = position_hash(batch.seq_id, batch.pos, 0), position_order(batch.seq_id, batch.pos)
-        lowest = (rows[np.lexsort((order[rows], key[rows]))[:PERM_SAMPLE]] for rows in (np.flatnonzero(cell == c) for c in range(G * _P)))
+        bounds = np.cumsum([0, *map(len, sampled)])
         out["permutation_sample"] = [
-            Lowest(key[rows], order[rows], {"seq": batch.seq_id[rows], "pos": batch.pos[rows], "bits": sets[rows]}, PERM_SAMPLE)
-            for rows in lowest
+            Lowest(hashed[rows], place[rows], {"seq": batch.seq_id[rows], "pos": batch.pos[rows], "bits": sets[a:b]}, PERM_SAMPLE)
+            for rows, a, b in zip(sampled, bounds[:-1], bounds[1:])
         ]
         return out
 

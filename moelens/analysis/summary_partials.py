@@ -102,17 +102,17 @@ def _labelled(store: Any, ctx: Context, name: str) -> tuple[Any, np.ndarray, int
 
 
 def permutation_sample(store: Any, ctx: Context, groups: Sequence[int | None], limit: int) -> tuple[list[np.ndarray], list[Lowest]] | None:
-    """`moelens.analysis.repetition.RepetitionCounts`'s permutation statistics per group (a label code, -1 =
+    """`moelens.analysis.repetition.RepetitionCounts`'s permutation statistics per group (a label code, D =
     unlabelled, None = every token): per layer ``[groups]`` tokens with a routed expert, from ``routed_tokens``,
     and per group the ``limit`` tokens of lowest seed-0 hash with their bitsets, merged from the cells of
     ``permutation_sample`` (the lowest of a union are the lowest of its cells' lowest)."""
     routed, sample = _labelled(store, ctx, "routed_tokens"), _labelled(store, ctx, "permutation_sample")
     if routed is None or sample is None:
         return None
-    (rows, codes, D), (tokens, token_codes, _) = routed, sample
+    (rows, codes, _), (tokens, token_codes, _) = routed, sample
 
     def member(of: np.ndarray, group: int | None) -> np.ndarray:
-        return np.ones(len(of), bool) if group is None else of == (D if group < 0 else group)
+        return np.ones(len(of), bool) if group is None else of == group
 
     n = rows["n"].to_numpy()
     counts = [np.array([n[(rows["layer"] == layer).to_numpy() & member(codes, g)].sum() for g in groups], np.int64)
