@@ -254,8 +254,9 @@ def _check_params(name: str, score: Callable[..., Any], params: Mapping[str, Any
     """Refuse, in one line, a parameter neither the score nor the pass options take."""
     sig = inspect.signature(score).parameters
     known = [k for k, p in list(sig.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != "run"]
-    takes_how = any(p.kind is p.VAR_KEYWORD for p in sig.values())
-    options = [k for k, p in inspect.signature(compute_partial).parameters.items() if p.kind is p.KEYWORD_ONLY] if takes_how else HOW_OPTIONS
+    from moelens.analysis.registry import takes_how
+
+    options = [k for k, p in inspect.signature(compute_partial).parameters.items() if p.kind is p.KEYWORD_ONLY] if takes_how(score) else HOW_OPTIONS
     known += [k for k in options if k not in known]
     for key in params:
         if key not in known:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analysis._common import group_expert_counts, result
-from moelens.analysis.chunked import Chunked, Context, Fused, compute, compute_partial, context
+from moelens.analysis.chunked import Chunked, Context, Fused, compute, compute_partial, context, label_sequences
 from moelens.analysis.data import RoutingData
 from moelens.errors import InputError
 
@@ -92,11 +92,8 @@ def _tokens(data: RoutingData, label: str | None) -> np.ndarray:
 
 def _sequences(ctx: Context, label: str | None) -> pd.DataFrame:
     """The run's sequences (seq_id, kept n_tokens, label) of one behaviour (None = all)."""
-    if label is None:
-        return ctx.sequences
-    if label not in ctx.meta.label_names:
-        raise InputError(f"unknown label {label!r}; labels are {list(ctx.meta.label_names)}")
-    return ctx.sequences[ctx.sequences["label"] == ctx.meta.label_names.index(label)]
+    keep = label_sequences(ctx, label)  # refuses an unknown label
+    return ctx.sequences if keep is None else ctx.sequences[keep]
 
 
 def _size(ctx: Context, label: str | None) -> int:
